@@ -1,0 +1,1 @@
+"""HTTP and FHIR wire details. Handlers call the store or a domain package, nothing else."""

@@ -1,0 +1,78 @@
+"""The ASGI application: ``create_app()`` wires settings, the store and the routers."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import Response
+from sqlalchemy.engine import Engine
+
+from service import __version__
+from service.api import capacity as capacity_api, errors, rest
+from service.api import referral as referral_api
+from service.capacity import install as install_capacity
+from service.referral import install as install_referral
+from service.api.deps import access_context
+from service.config import Settings, get_settings
+from service.fhir.db import create_engine
+from service.fhir.hooks import WriteHooks
+from service.fhir.store import Clock, ResourceStore, utc_now
+from service.security import build_policy
+from service.security import install as install_security
+from service.security.boundaries_install import install as install_boundaries
+from service.security.oauth.config import SecuritySettings
+
+log = logging.getLogger("yilian")
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None, clock: Clock = utc_now,
+               security: SecuritySettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = engine or create_engine(settings.database_url)
+    app = FastAPI(
+        title="Yilian FHIR gateway",
+        version=__version__,
+        description="FHIR R4 (4.0.1) gateway for medical alliances: two-way referral, reserved capacity, "
+        "record sharing. Resources are exchanged as application/fhir+json.",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    hooks = WriteHooks()
+    app.state.store = ResourceStore(engine, clock=clock, hooks=hooks, policy=build_policy(settings))
+    install_boundaries(app, hooks)  # resident IDs, audit trail, masking (service/security/boundaries_install.py)
+    errors.install(app)
+    # Security first: /fhir/.well-known/smart-configuration before /fhir/{resource_type}.
+    install_security(app, settings, engine, security)
+    app.include_router(capacity_api.router)  # before the FHIR router: Appointment/$find is not an id
+    install_capacity(app, hooks)
+    app.include_router(referral_api.router, prefix="/fhir", tags=["Referral"])  # before the FHIR router
+    install_referral(app, hooks)
+    app.include_router(rest.router, prefix="/fhir", tags=["FHIR"], dependencies=[Depends(access_context)])
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    if settings.bench_floor:
+        _add_bench_floor(app)
+    return app
+
+
+def _add_bench_floor(app: FastAPI) -> None:
+    """The benchmark floor: stored JSON by primary key with no FHIR processing at all."""
+    import sqlalchemy as sa
+
+    from service.fhir.tables import ResourceRow, ResourceVersion
+
+    resource, version = ResourceRow.__table__, ResourceVersion.__table__
+    query = (sa.select(sa.cast(version.c.content, sa.Text))
+             .select_from(resource.join(version, version.c.seq == resource.c.seq))
+             .where(resource.c.resource_type == sa.bindparam("t"), resource.c.id == sa.bindparam("i")))
+    engine = app.state.engine
+
+    @app.get("/bench/floor/{resource_type}/{resource_id}", include_in_schema=False)
+    def floor(resource_type: str, resource_id: str) -> Response:
+        with engine.connect() as conn:
+            text = conn.execute(query, {"t": resource_type, "i": resource_id}).scalar_one()
+        return Response(text.encode(), media_type="application/fhir+json")

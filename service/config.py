@@ -1,0 +1,36 @@
+"""Settings, read from ``YILIAN_*`` environment variables (see the README table)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="YILIAN_", extra="ignore")
+
+    database_url: str = "sqlite:///./var/yilian.db"
+    base_url: str = "http://127.0.0.1:8000/fhir"
+    # Load the demo alliance the first time the server starts on an empty database.
+    demo_data: bool = False
+    # Authorization arrives with the security issue; until then every caller is anonymous.
+    auth: str = "on"
+    # Largest request body accepted, in bytes (a 1,000-entry transaction fits comfortably).
+    max_body_bytes: int = 50 * 1024 * 1024
+    default_page_size: int = 20
+    max_page_size: int = 1000
+    log_level: str = "info"
+    # Benchmarks only: expose /bench/floor/{type}/{id}, the bare primary-key read that
+    # bench/ measures our FHIR read against. Never enable in production (no checks at all).
+    bench_floor: bool = False
+    # Audit (service.security.audit): AuditEvents are kept this many days (MLPS level 3: at
+    # least 180), then `yilian audit purge` deletes them; queued read audits are turned into
+    # AuditEvent resources in the background this often (0: only by `yilian audit drain`).
+    audit_retention_days: int = 180
+    audit_drain_interval_ms: int = 1000
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

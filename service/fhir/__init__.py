@@ -1,0 +1,1 @@
+"""The FHIR layer: resource store, search, bundles and validation. Knows nothing of referrals."""

@@ -1,0 +1,270 @@
+"""Running a parsed search: matches (keyset-paged), totals and _include/_revinclude.
+
+Paging never uses OFFSET. The first page pins a *snapshot*, the highest change sequence at
+that moment; every page only considers resources whose ``created_seq`` is at or below it, so a
+resource created while a client pages never shifts rows between pages. Rows are ordered by the
+sort keys plus ``id`` (unique), and each page starts strictly after the last row of the page
+before, so an update that does not change a sort key cannot cause duplicates or gaps either.
+(An update that *changes* a sort key moves that resource: it may then be seen twice or not at
+all, as with any keyset pagination over live data.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from urllib.parse import parse_qsl, urlencode
+
+import sqlalchemy as sa
+
+from service.fhir.errors import BadRequest, Issue
+from service.fhir.search import cursor as cursor_codec
+from service.fhir.search.dialect import Dialect
+from service.fhir.search.model import (
+    ID_TYPE,
+    Cursor,
+    IncludeSpec,
+    SearchPage,
+    SearchRequest,
+)
+from service.fhir.search.parse import base_url_setting, parse_search
+from service.fhir.search.sql import (
+    REFERENCE,
+    RESOURCE,
+    VERSION,
+    Builder,
+    keyset_after,
+    live,
+    order_by,
+)
+
+#: ``visible(resource_type, type_column, id_column)`` → extra WHERE condition (authorization).
+Visible = Callable[[str, sa.ColumnElement, sa.ColumnElement], sa.ColumnElement]
+
+#: Rounds of ``:iterate`` includes, and the most resources one page may include.
+MAX_INCLUDE_ROUNDS = 4
+MAX_INCLUDES = 1000
+_CHUNK = 500  # ids per IN list: far below both databases' bound-parameter limits
+
+
+def current_snapshot(conn: sa.Connection) -> int:
+    """The highest change sequence committed so far (0 for an empty store)."""
+    return int(conn.execute(sa.select(sa.func.max(VERSION.c.seq))).scalar() or 0)
+
+
+def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visible | None = None) -> SearchPage:
+    """Run ``request`` on ``conn`` and return one page. ``visible`` restricts every resource
+    returned or counted (matches, total and included resources)."""
+    rt = request.resource_type
+    builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
+    fp = cursor_codec.fingerprint(rt, request.sort)
+    cursor = request.cursor
+    snapshot = cursor.snapshot if cursor is not None else current_snapshot(conn)
+
+    r = RESOURCE.alias("r")
+    where = [*live(r, rt), r.c.created_seq <= snapshot]
+    where += [builder.condition(rt, r, clause) for clause in request.clauses]
+    if visible is not None:
+        where.append(visible(rt, r.c.resource_type, r.c.id))
+
+    warnings = list(request.warnings)
+    self_link = _query_string(request.link_params, cursor_codec.encode(cursor, fp) if cursor else None)
+    page = SearchPage(rt, [], [], None, self_link, warnings=warnings, summary_count=request.summary_count,
+                      summary=request.summary, elements=request.elements)
+
+    if request.summary_count or request.count == 0:
+        page.total = _count(conn, r, where)
+        return page
+
+    # Sort keys, then id as the unique tiebreaker.
+    specs = list(request.sort)
+    keys: list[tuple[sa.ColumnElement, bool, bool]] = []  # (expression, descending, nullable)
+    for spec in specs:
+        expr, nullable = builder.sort_key(rt, r, spec)
+        keys.append((expr, spec.descending, nullable))
+    kinds = [s.type for s in specs]
+    if not any(s.type == ID_TYPE for s in specs):
+        keys.append((r.c.id, False, False))
+        kinds.append(ID_TYPE)
+    # m: matching resources with their sort keys; pg: one page of them, ordered (the LIMIT keeps
+    # it a separate step, so stored JSON is joined for the page's rows only).
+    inner = (
+        sa.select(r.c.id.label("rid"), r.c.seq.label("rseq"),
+                  *(expr.label(f"k{i}") for i, (expr, _, _) in enumerate(keys)))
+        .where(*where)
+        .subquery("m")
+    )
+    m_keys = [(inner.c[f"k{i}"], descending, nullable) for i, (_, descending, nullable) in enumerate(keys)]
+    backward = cursor is not None and cursor.backward
+    page_query = sa.select(inner)
+    if cursor is not None:
+        page_query = page_query.where(keyset_after(m_keys, cursor_codec.restore_key(cursor.key, kinds), backward))
+    page_rows = page_query.order_by(*order_by(m_keys, backward)).limit(request.count + 1).subquery("pg")
+    pg_keys = [(page_rows.c[f"k{i}"], descending, nullable) for i, (_, descending, nullable) in enumerate(keys)]
+    stmt = (
+        sa.select(page_rows.c.rid, builder.dialect.json_text(VERSION.c.content), *(k for k, _, _ in pg_keys))
+        .select_from(page_rows.join(VERSION, VERSION.c.seq == page_rows.c.rseq))
+        .order_by(*order_by(pg_keys, backward))
+    )
+
+    rows = list(conn.execute(stmt))
+    more = len(rows) > request.count
+    rows = rows[: request.count]
+    if backward:
+        rows.reverse()
+    has_previous = more if backward else cursor is not None
+    has_next = True if backward else more
+    page.matches = [(rt, row[0], row[1]) for row in rows]
+
+    if rows and has_next:
+        page.next_link = _query_string(request.link_params, cursor_codec.encode(
+            Cursor(snapshot, tuple(rows[-1][2:]), False), fp))
+    if rows and has_previous:
+        page.previous_link = _query_string(request.link_params, cursor_codec.encode(
+            Cursor(snapshot, tuple(rows[0][2:]), True), fp))
+
+    if request.total != "none":
+        if cursor is None and not more:
+            page.total = len(rows)  # the whole result is on this first page
+        else:
+            page.total = _count(conn, r, where)
+
+    if request.includes and page.matches:
+        page.includes, truncated = _collect_includes(conn, builder, request.includes,
+                                                     [(t, i) for t, i, _ in page.matches], visible)
+        if truncated:
+            warnings.append(Issue("warning", "too-costly",
+                                  f"More than {MAX_INCLUDES} resources to include; the rest were left out"))
+    return page
+
+
+def _count(conn: sa.Connection, r: sa.FromClause, where: list[sa.ColumnElement]) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(r).where(*where)).scalar_one())
+
+
+def _query_string(params: list[tuple[str, str]], cursor: str | None) -> str:
+    items = list(params) + ([("_cursor", cursor)] if cursor else [])
+    return urlencode(items, safe="/:|,*")
+
+
+# -- _include / _revinclude ---------------------------------------------------------------------
+
+
+def _collect_includes(conn: sa.Connection, builder: Builder, specs: list[IncludeSpec],
+                      matches: list[tuple[str, str]], visible: Visible | None
+                      ) -> tuple[list[tuple[str, str, str]], bool]:
+    """Resources referenced by (``_include``) or referring to (``_revinclude``) the matches.
+
+    Non-iterate specs apply to the matches only; ``:iterate`` specs also apply, round after
+    round, to what the previous round included, until nothing new turns up.
+    """
+    seen: set[tuple[str, str]] = set(matches)
+    included: list[tuple[str, str, str]] = []
+    frontier = list(matches)
+    for round_no in range(MAX_INCLUDE_ROUNDS + 1):
+        active = [s for s in specs if round_no == 0 or s.iterate]
+        if not active or not frontier:
+            break
+        candidates: dict[tuple[str, str], None] = {}
+        for spec in active:
+            for key in _include_candidates(conn, builder, spec, frontier):
+                if key not in seen:
+                    candidates[key] = None
+        found = _fetch(conn, builder, list(candidates), visible)
+        frontier = []
+        for key in candidates:
+            if key in found:
+                seen.add(key)
+                if len(included) >= MAX_INCLUDES:
+                    return included, True
+                included.append((key[0], key[1], found[key]))
+                frontier.append(key)
+    return included, False
+
+
+def _include_candidates(conn: sa.Connection, builder: Builder, spec: IncludeSpec,
+                        frontier: list[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+    ref = REFERENCE
+    if spec.reverse:
+        by_type = _group(frontier, spec.target_type)
+        for target_type, ids in by_type.items():
+            for chunk in _chunks(ids):
+                rows = conn.execute(
+                    sa.select(ref.c.resource_type, ref.c.resource_id)
+                    .where(ref.c.resource_type == spec.source_type, ref.c.param == spec.code,
+                           ref.c.target_type == target_type, ref.c.target_id.in_(chunk), builder.local(ref))
+                    .order_by(ref.c.resource_id)
+                )
+                yield from ((t, i) for t, i in rows)
+        return
+    ids = [i for t, i in frontier if t == spec.source_type]
+    for chunk in _chunks(ids):
+        query = sa.select(ref.c.target_type, ref.c.target_id).where(
+            ref.c.resource_type == spec.source_type, ref.c.resource_id.in_(chunk),
+            ref.c.target_type.is_not(None), ref.c.target_id.is_not(None), builder.local(ref))
+        if spec.code is not None:  # None is '*': every reference parameter
+            query = query.where(ref.c.param == spec.code)
+        if spec.target_type is not None:
+            query = query.where(ref.c.target_type == spec.target_type)
+        yield from ((t, i) for t, i in conn.execute(query.order_by(ref.c.target_type, ref.c.target_id)))
+
+
+def _fetch(conn: sa.Connection, builder: Builder, keys: list[tuple[str, str]], visible: Visible | None
+           ) -> dict[tuple[str, str], str]:
+    """The stored JSON of the live, visible resources among ``keys``."""
+    out: dict[tuple[str, str], str] = {}
+    for resource_type, ids in _group(keys, None).items():
+        r = RESOURCE.alias("inc")
+        for chunk in _chunks(ids):
+            query = (
+                sa.select(r.c.id, builder.dialect.json_text(VERSION.c.content))
+                .select_from(r.join(VERSION, VERSION.c.seq == r.c.seq))
+                .where(*live(r, resource_type), r.c.id.in_(chunk))
+            )
+            if visible is not None:
+                query = query.where(visible(resource_type, r.c.resource_type, r.c.id))
+            for rid, text in conn.execute(query):
+                out[(resource_type, rid)] = text
+    return out
+
+
+def _group(keys: Iterable[tuple[str, str]], only_type: str | None) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for t, i in keys:
+        if only_type is None or t == only_type:
+            groups.setdefault(t, []).append(i)
+    return groups
+
+
+def _chunks(items: list[str]) -> Iterable[list[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+# -- conditional operations ---------------------------------------------------------------------
+
+
+def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: int = 2,
+                 visible: Visible | None = None) -> list[str]:
+    """Ids of live resources matching ``query`` (``identifier=sys|123&...``), at most ``limit``;
+    with ``visible``, only resources the caller may see (and chains / ``_has`` through them).
+
+    For conditional create/update/delete and conditional references: parsing is strict (an
+    unknown parameter is a BadRequest, never ignored) and a query without any criterion is
+    refused rather than matching everything.
+    """
+    pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
+    request = parse_search(resource_type, pairs, strict=True)
+    if not request.clauses:
+        raise BadRequest(f"The conditional query '{query}' has no search criteria")
+    builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
+    r = RESOURCE.alias("r")
+    where = [*live(r, resource_type), *(builder.condition(resource_type, r, c) for c in request.clauses)]
+    if visible is not None:
+        where.append(visible(resource_type, r.c.resource_type, r.c.id))
+    stmt = (
+        sa.select(r.c.id)
+        .where(*where)
+        .order_by(r.c.id)
+        .limit(limit)
+    )
+    return list(conn.execute(stmt).scalars())

@@ -1,0 +1,198 @@
+"""Database tables of the resource store and its search index.
+
+``resource`` holds one row per logical resource pointing at its current version;
+``resource_version`` holds every version's JSON exactly once (JSONB on PostgreSQL) and its
+primary key ``seq`` is the store-wide, monotonic change sequence.
+
+Search indexes follow HAPI's JPA layout: one table per parameter type, rows for the current
+version only, replaced on every write. A search is an index seek, never a scan of JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+# A 64-bit identity on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# none_as_null: a deletion stores SQL NULL, not the JSON literal null.
+Json = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+UtcDateTime = sa.DateTime(timezone=True)
+
+
+class ResourceRow(SQLModel, table=True):
+    __tablename__ = "resource"
+    __table_args__ = (
+        sa.Index("ix_resource_type_updated", "resource_type", "last_updated"),
+        sa.Index("ix_resource_type_seq", "resource_type", "seq"),
+    )
+
+    resource_type: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    version_id: int
+    seq: int = Field(sa_type=sa.BigInteger)  # seq of the current version
+    created_seq: int = Field(sa_type=sa.BigInteger)  # seq of version 1: pins search snapshots
+    last_updated: datetime = Field(sa_type=UtcDateTime)
+    deleted: bool = False
+
+
+class ResourceVersion(SQLModel, table=True):
+    __tablename__ = "resource_version"
+    __table_args__ = (
+        sa.UniqueConstraint("resource_type", "id", "version_id", name="uq_resource_version"),
+        sa.Index("ix_version_type_seq", "resource_type", "seq"),
+    )
+
+    seq: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    id: str = Field(max_length=64)
+    version_id: int
+    last_updated: datetime = Field(sa_type=UtcDateTime)
+    method: str = Field(max_length=8)  # POST | PUT | PATCH | DELETE
+    deleted: bool = False
+    content: dict | None = Field(default=None, sa_column=sa.Column(Json, nullable=True))
+
+
+
+class TokenIndex(SQLModel, table=True):
+    """token parameters: Identifier, Coding, CodeableConcept, code, boolean, ContactPoint."""
+
+    __tablename__ = "idx_token"
+    __table_args__ = (
+        sa.Index("ix_token_lookup", "resource_type", "param", "code", "system"),
+        sa.Index("ix_token_owner", "resource_type", "resource_id"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=100)
+    system: str = ""  # "" when the value has no system
+    code: str | None = None
+    text: str | None = None  # normalised display / text, for :text
+
+
+class StringIndex(SQLModel, table=True):
+    """string parameters. ``value`` is case- and accent-folded, ``exact`` as written."""
+
+    __tablename__ = "idx_string"
+    __table_args__ = (
+        sa.Index("ix_string_lookup", "resource_type", "param", "value"),
+        sa.Index("ix_string_owner", "resource_type", "resource_id"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=100)
+    value: str
+    exact: str
+
+
+class DateIndex(SQLModel, table=True):
+    """date parameters as closed ranges [low, high] in epoch milliseconds (UTC)."""
+
+    __tablename__ = "idx_date"
+    __table_args__ = (
+        sa.Index("ix_date_low", "resource_type", "param", "low"),
+        sa.Index("ix_date_high", "resource_type", "param", "high"),
+        sa.Index("ix_date_owner", "resource_type", "resource_id"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=100)
+    low: int = Field(sa_type=sa.BigInteger)
+    high: int = Field(sa_type=sa.BigInteger)
+
+
+class ReferenceIndex(SQLModel, table=True):
+    """reference parameters. Local references fill target_type/target_id; others only url."""
+
+    __tablename__ = "idx_reference"
+    __table_args__ = (
+        sa.Index("ix_reference_lookup", "resource_type", "param", "target_id", "target_type"),
+        sa.Index("ix_reference_target", "target_type", "target_id"),
+        sa.Index("ix_reference_owner", "resource_type", "resource_id"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=100)
+    target_type: str | None = Field(default=None, max_length=64)
+    target_id: str | None = Field(default=None, max_length=64)
+    url: str | None = None
+
+
+class NumberIndex(SQLModel, table=True):
+    """number parameters, with the range implied by the value's precision."""
+
+    __tablename__ = "idx_number"
+    __table_args__ = (
+        sa.Index("ix_number_lookup", "resource_type", "param", "value"),
+        sa.Index("ix_number_owner", "resource_type", "resource_id"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=100)
+    value: float
+    low: float
+    high: float
+
+
+class QuantityIndex(SQLModel, table=True):
+    __tablename__ = "idx_quantity"
+    __table_args__ = (
+        sa.Index("ix_quantity_lookup", "resource_type", "param", "value"),
+        sa.Index("ix_quantity_owner", "resource_type", "resource_id"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=100)
+    value: float
+    low: float
+    high: float
+    system: str = ""
+    code: str | None = None
+
+
+class UriIndex(SQLModel, table=True):
+    __tablename__ = "idx_uri"
+    __table_args__ = (
+        sa.Index("ix_uri_lookup", "resource_type", "param", "value"),
+        sa.Index("ix_uri_owner", "resource_type", "resource_id"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=100)
+    value: str
+
+
+class OutboxEvent(SQLModel, table=True):
+    """Events for receivers (referral notifications, escalations ...), written in the same
+    transaction as the change that caused them, so none is lost; delivery marks them done."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (sa.Index("ix_outbox_pending", "delivered_at", "seq"),)
+
+    seq: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    topic: str = Field(max_length=100)
+    payload: dict = Field(sa_column=sa.Column(Json, nullable=False))
+    created_at: datetime = Field(sa_type=UtcDateTime)
+    delivered_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    attempts: int = 0
+
+
+INDEX_TABLES = (TokenIndex, StringIndex, DateIndex, ReferenceIndex, NumberIndex, QuantityIndex, UriIndex)
+metadata = SQLModel.metadata

@@ -1,0 +1,141 @@
+"""Shared fixtures. Every test module runs on SQLite, or on PostgreSQL when
+``YILIAN_TEST_DATABASE_URL`` names one (CI runs the suite once per database).
+
+A run told to use PostgreSQL that cannot reach it fails: it never silently skips.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+
+from service.app import create_app
+from service.config import Settings
+from service.fhir import tables
+from service.fhir.db import create_engine, is_postgres
+from service.migrate import upgrade
+from service.security.oauth.config import SecuritySettings
+
+BASE = "http://testserver/fhir"
+
+TEST_DATABASE_URL = os.environ.get("YILIAN_TEST_DATABASE_URL", "")
+
+# The suite runs in development mode (YILIAN_AUTH=off) unless a test asks for authorization:
+# the FHIR, domain and loader tests exercise the store, not OAuth, and build their own
+# Settings in places. The security tests pass auth="on" explicitly (``auth_app`` below).
+os.environ.setdefault("YILIAN_AUTH", "off")
+
+
+def _database_url(tmp_dir: Path) -> str:
+    return TEST_DATABASE_URL or f"sqlite:///{tmp_dir / 'yilian-test.db'}"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _database_url(tmp_path_factory.mktemp("db"))
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    """A database with the current schema, created once per test session."""
+    eng = create_engine(database_url)
+    try:
+        with eng.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # a PostgreSQL we were told to use must be there
+        pytest.fail(f"cannot reach the test database {database_url}: {exc}", pytrace=False)
+    if is_postgres(eng):
+        with eng.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+    upgrade(database_url)  # the schema comes from the migrations, as in production
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clean_db(engine: Engine) -> Engine:
+    """Empty every table before the test, for tests that count rows."""
+    with engine.begin() as conn:
+        for table in reversed(tables.metadata.sorted_tables):
+            conn.execute(table.delete())
+    return engine
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    """Authorization off (development mode): the FHIR tests exercise the store, not OAuth.
+    The security tests use ``auth_app`` below, which has it on, as in production."""
+    return Settings(database_url=database_url, base_url=BASE, auth="off")
+
+
+@pytest.fixture(scope="session")
+def app(engine: Engine, settings: Settings) -> FastAPI:
+    return create_app(settings, engine=engine)
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE,
+                                 headers={"Accept": "application/fhir+json"}) as http:
+        yield http
+
+
+# -- authorization on (tests/test_security_*.py) ---------------------------------------------
+
+@pytest.fixture(scope="session")
+def auth_settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, base_url=BASE, auth="on")
+
+
+@pytest.fixture(scope="session")
+def security_settings() -> SecuritySettings:
+    # http://testserver is not a loopback address: allow OAuth over plain http for the tests.
+    # The rate limit is high here; tests/test_security_ratelimit.py builds its own app.
+    return SecuritySettings(oauth_allow_http=True, rate_limit_per_minute=1_000_000, rate_limit_burst=1_000_000)
+
+
+@pytest.fixture(scope="session")
+def auth_app(engine: Engine, auth_settings: Settings, security_settings: SecuritySettings) -> FastAPI:
+    return create_app(auth_settings, engine=engine, security=security_settings)
+
+
+@pytest.fixture
+async def auth_client(auth_app: FastAPI) -> httpx.AsyncClient:
+    """A client of the app with authorization on; it sends no token by itself."""
+    transport = httpx.ASGITransport(app=auth_app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE,
+                                 headers={"Accept": "application/fhir+json"}) as http:
+        yield http
+
+
+@pytest.fixture
+def token_for(auth_app: FastAPI) -> Callable[..., str]:
+    """Sign an access token with the app's own keys, as the token endpoint would, for tests
+    about what a token allows (the flows that obtain tokens have their own tests)::
+
+        token_for("system/Patient.rs", organization="Organization/hospital-yq1")
+        token_for("patient/*.rs", patient="p1", user="desk1")
+    """
+    from uuid import uuid4
+
+    def make(scopes: str, *, organization: str = "Organization/hospital-yq1", patient: str | None = None,
+             user: str | None = None, practitioner: str | None = None, client_id: str | None = None) -> str:
+        token, _ = auth_app.state.security.tokens.issue_access_token(
+            client_id=client_id or f"test-{uuid4().hex[:10]}", scope=scopes.split(), organization=organization,
+            kind="user" if user else "backend", user=user, practitioner=practitioner, patient=patient)
+        return token
+
+    return make
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

@@ -1,0 +1,145 @@
+"""The seams domain packages and the security package plug into: write hooks, the outbox
+and the access policy — on every write path, inside the write's own transaction."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+import sqlalchemy as sa
+
+from service.fhir import bundles, tables
+from service.fhir.access import AccessContext
+from service.fhir.errors import Forbidden, NotFound, Unprocessable
+from service.fhir.hooks import WriteEvent, WriteHooks
+from service.fhir.store import ResourceStore
+
+CALLER = AccessContext(client_id="test", organization="Organization/clinic-a")
+
+
+def _outbox_topics(engine: sa.Engine, marker: str) -> list[str]:
+    outbox = tables.OutboxEvent.__table__
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(outbox.c.topic, outbox.c.payload)).all()
+    return [topic for topic, payload in rows if payload.get("marker") == marker]
+
+
+def _hooked_store(engine: sa.Engine) -> ResourceStore:
+    hooks = WriteHooks()
+
+    def refuse_robots(event: WriteEvent) -> None:
+        if event.resource and event.resource.get("gender") == "other" and event.method != "POST":
+            raise Unprocessable("gender may not change to other here", expression="Patient.gender")
+
+    def follow_up(event: WriteEvent) -> None:
+        marker = (event.resource or event.previous or {}).get("name", [{}])[0].get("text", "")
+        event.tx.emit("patient-changed", {"marker": marker, "method": event.method, "id": event.resource_id})
+        if event.method == "POST":
+            event.tx.create({"resourceType": "Flag", "status": "active", "code": {"text": marker},
+                             "subject": {"reference": f"Patient/{event.resource_id}"}})
+
+    hooks.before("Patient", refuse_robots)
+    hooks.after("Patient", follow_up)
+    return ResourceStore(engine, hooks=hooks)
+
+
+def test_after_hook_writes_and_emits_in_the_same_transaction(engine: sa.Engine) -> None:
+    store = _hooked_store(engine)
+    marker = f"m-{uuid4().hex[:8]}"
+    created = store.create(CALLER, {"resourceType": "Patient", "name": [{"text": marker}]})
+    assert _outbox_topics(engine, marker) == ["patient-changed"]
+    flags = store.search(CALLER, "Flag", [("subject", f"Patient/{created.resource.id}")], base_url="")
+    assert marker.encode() in flags
+
+
+def test_refused_write_rolls_back_everything_including_outbox(engine: sa.Engine) -> None:
+    store = _hooked_store(engine)
+    marker = f"m-{uuid4().hex[:8]}"
+    created = store.create(CALLER, {"resourceType": "Patient", "name": [{"text": marker}]}).resource.as_dict()
+    with pytest.raises(Unprocessable):
+        store.update(CALLER, "Patient", created["id"], dict(created, gender="other"))
+    assert store.read(CALLER, "Patient", created["id"]).version_id == 1
+    assert _outbox_topics(engine, marker) == ["patient-changed"]  # only the create's event
+
+
+def test_hooks_run_inside_transaction_bundles_too(engine: sa.Engine) -> None:
+    store = _hooked_store(engine)
+    marker = f"m-{uuid4().hex[:8]}"
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "name": [{"text": marker}]},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Patient", "gender": "robot"}, "request": {"method": "POST", "url": "Patient"}},
+    ]}
+    with pytest.raises(Unprocessable):
+        bundles.process_bundle(store, CALLER, bundle, base_url="")
+    assert _outbox_topics(engine, marker) == []
+
+
+class _OnlyOwnOrganization:
+    """A toy policy: Patients are visible only when managed by the caller's organization,
+    and nobody may delete."""
+
+    def authorize(self, ctx, interaction, resource_type):  # type: ignore[no-untyped-def]
+        if interaction == "delete":
+            raise Forbidden("no deletes")
+
+    def visible(self, ctx, resource_type, type_col, id_col):  # type: ignore[no-untyped-def]
+        ref = tables.ReferenceIndex.__table__
+        org_type, _, org_id = (ctx.organization or "/").partition("/")
+        return sa.exists().where(ref.c.resource_type == type_col, ref.c.resource_id == id_col,
+                                 ref.c.param == "organization", ref.c.target_type == org_type,
+                                 ref.c.target_id == org_id)
+
+    def check_write(self, ctx, resource_type, resource, previous):  # type: ignore[no-untyped-def]
+        target = (resource or previous or {}).get("managingOrganization", {}).get("reference")
+        if target != ctx.organization:
+            raise Forbidden(f"{ctx.organization} may not write patients of {target}")
+
+
+def test_access_policy_limits_reads_searches_and_writes(engine: sa.Engine) -> None:
+    store = ResourceStore(engine, policy=_OnlyOwnOrganization())
+    clinic_a = AccessContext(client_id="a", organization="Organization/clinic-a")
+    clinic_b = AccessContext(client_id="b", organization="Organization/clinic-b")
+    marker = f"m{uuid4().hex[:8]}"
+    body = {"resourceType": "Patient", "name": [{"family": marker}],
+            "managingOrganization": {"reference": "Organization/clinic-a"}}
+    mine = store.create(clinic_a, body).resource
+    assert store.read(clinic_a, "Patient", mine.id).id == mine.id
+    with pytest.raises(NotFound):  # 404, not 403: existence is not revealed
+        store.read(clinic_b, "Patient", mine.id)
+    with pytest.raises(NotFound):
+        store.vread(clinic_b, "Patient", mine.id, 1)
+    assert mine.id.encode() in store.search(clinic_a, "Patient", [("family", marker)], base_url="")
+    assert mine.id.encode() not in store.search(clinic_b, "Patient", [("family", marker)], base_url="")
+    with pytest.raises(Forbidden):
+        store.create(clinic_b, body)
+    with pytest.raises(Forbidden):
+        store.delete(clinic_a, "Patient", mine.id)
+    internal = AccessContext.internal()
+    assert store.read(internal, "Patient", mine.id).id == mine.id
+
+
+def test_hooks_that_read_the_store_see_earlier_creates_of_the_same_bundle(engine: sa.Engine) -> None:
+    """A referral-like hook looks its Patient up; the Patient is created in the same Bundle,
+    after it in entry order. Plain creates are written first, ordered ones after."""
+    hooks = WriteHooks()
+    seen: list[str] = []
+
+    def needs_subject(event: WriteEvent) -> None:
+        subject = (event.resource or {})["subject"]["reference"]
+        stored = event.tx.read(*subject.split("/"))
+        seen.append(stored.as_dict()["name"][0]["text"])
+
+    hooks.before("ServiceRequest", needs_subject)
+    store = ResourceStore(engine, hooks=hooks)
+    marker = f"m-{uuid4().hex[:8]}"
+    patient_url = f"urn:uuid:{uuid4()}"
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                      "subject": {"reference": patient_url}},
+         "request": {"method": "POST", "url": "ServiceRequest"}},
+        {"fullUrl": patient_url, "resource": {"resourceType": "Patient", "name": [{"text": marker}]},
+         "request": {"method": "POST", "url": "Patient"}},
+    ]}
+    bundles.process_bundle(store, CALLER, bundle, base_url="")
+    assert seen == [marker]
