@@ -291,8 +291,9 @@ async def test_group_commit_appends_are_durable_when_awaited(isolated_engine: sa
 
 def test_logins_are_recorded(app: FastAPI) -> None:
     user = f"desk-{uuid4().hex[:8]}"
-    record_login(user, True, client_id="desk-app", address="10.0.0.7")
-    record_login(AccessContext(client_id="desk-app", user=user), "failure", detail="wrong password")
+    queue = app.state.audit_queue
+    record_login(queue, user, True, client_id="desk-app", address="10.0.0.7")
+    record_login(queue, AccessContext(client_id="desk-app", user=user), "failure", detail="wrong password")
     drain(app.state.store)
     logins = [e for e in search(app, "AuditEvent", type="110114")
               if any(a["who"].get("identifier", {}).get("value") == user for a in e["agent"])]

@@ -427,25 +427,21 @@ def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | Non
     return total
 
 
-_QUEUE_FOR_LOGINS: list[AuditQueue] = []
-
-
-def record_login(ctx_or_user: AccessContext | str | None, outcome: bool | int | str, *,
+def record_login(queue: AuditQueue, ctx_or_user: AccessContext | str | None, outcome: bool | int | str, *,
                  client_id: str | None = None, address: str | None = None, detail: str | None = None) -> None:
-    """Record a login attempt (for the OAuth server): ``outcome`` True / "success" / 0 for a
-    successful authentication, anything else a failure. Durable when it returns (a short
-    transaction of its own: call it from async code through ``run_in_threadpool``)."""
-    if not _QUEUE_FOR_LOGINS:
-        raise RuntimeError("record_login needs the app's audit queue: call boundaries_install.install first")
+    """Record a login or token grant attempt in ``queue`` (the app's ``state.audit_queue``):
+    ``outcome`` True / "success" / 0 for a successful authentication, anything else a failure.
+    Durable when it returns (a short transaction of its own: call it from a worker thread)."""
     if isinstance(ctx_or_user, AccessContext):
         ctx: AccessContext | None = ctx_or_user
     else:
         ctx = AccessContext(client_id=client_id, user=ctx_or_user) if (ctx_or_user or client_id) else None
-    succeeded = outcome is True or outcome in (0, "0", "success", "ok")
+    # bool first: False == 0 would otherwise count a refused login as a success
+    succeeded = outcome if isinstance(outcome, bool) else outcome in (0, "0", "success", "ok")
     event = audit_event(subtype="login", action="E", status=200 if succeeded else 401, ctx=ctx, entities=[],
                         recorded=datetime.now(UTC), address=address, event_type=USER_AUTHENTICATION,
                         description=mask_text(detail) if detail else None)
-    _QUEUE_FOR_LOGINS[-1].append_now([event])
+    queue.append_now([event])
 
 
 # -- retention --------------------------------------------------------------------------------------
@@ -655,7 +651,6 @@ def install(app: Any, hooks: WriteHooks, *, policy: Any, settings: Any) -> Audit
     hooks.after(ANY_TYPE, record_write)
     queue = AuditQueue(app.state.engine, app.state.store, drain_interval_ms=settings.audit_drain_interval_ms)
     app.state.audit_queue = queue
-    _QUEUE_FOR_LOGINS.append(queue)
     app.add_middleware(PrivacyMiddleware, queue=queue, policy=policy)
     return queue
 

@@ -17,6 +17,7 @@ redirect URI are known, and an HTML page before that (never a redirect to an unc
 
 from __future__ import annotations
 
+import base64
 import hmac
 import re
 import secrets
@@ -31,6 +32,7 @@ from starlette.responses import Response
 
 from service.fhir.access import AccessContext
 from service.fhir.errors import FhirError
+from service.security.audit import record_login
 from service.security.oauth import pages
 from service.security.oauth.runtime import SecurityRuntime
 from service.security.oauth.server import (
@@ -132,7 +134,49 @@ async def token(request: Request) -> Response:
     oauth_request = await _form_request(request)
     if isinstance(oauth_request, Response):
         return oauth_request
-    return await run_in_threadpool(runtime_of(request).server.create_token_response, oauth_request)
+    return await run_in_threadpool(_token, request, runtime_of(request), oauth_request)
+
+
+def _token(request: Request, runtime: SecurityRuntime, oauth_request: StarletteOAuth2Request) -> Response:
+    """Issue (or refuse) a token, and leave the attempt in the audit trail either way: a token
+    grant is how machines and apps log in."""
+    response = runtime.server.create_token_response(oauth_request)
+    client = getattr(oauth_request, "client", None)
+    client_id = client.client_id if client is not None else _claimed_client_id(request, oauth_request)
+    grant_type = oauth_request.payload.grant_type or "(none)"
+    detail = f"token request, grant_type={grant_type}"
+    if response.status_code != 200:
+        detail += f": {_oauth_error_code(response)}"
+    _audit_login(request, getattr(oauth_request.user, "username", None), response.status_code == 200,
+                 client_id=client_id, detail=detail)
+    return response  # type: ignore[no-any-return]
+
+
+def _claimed_client_id(request: Request, oauth_request: StarletteOAuth2Request) -> str | None:
+    """The client id a failed request claimed (form field or HTTP Basic user), for the record."""
+    if oauth_request.payload.client_id:
+        return str(oauth_request.payload.client_id)
+    authorization = request.headers.get("authorization", "")
+    if authorization.lower().startswith("basic "):
+        try:
+            return base64.b64decode(authorization[6:]).decode().split(":", 1)[0] or None
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return None
+
+
+def _oauth_error_code(response: Response) -> str:
+    try:
+        return str(orjson.loads(bytes(response.body)).get("error", response.status_code))
+    except (orjson.JSONDecodeError, AttributeError):
+        return str(response.status_code)
+
+
+def _audit_login(request: Request, user: str | None, succeeded: bool, *, client_id: str | None,
+                 detail: str) -> None:
+    """Durably record a login attempt before answering (fails closed: no record, no token)."""
+    record_login(request.app.state.audit_queue, user, succeeded, client_id=client_id,
+                 address=request.client.host if request.client else None, detail=detail)
 
 
 @router.post("/oauth/introspect", tags=["OAuth"])
@@ -228,11 +272,15 @@ def _decide(request: Request, runtime: SecurityRuntime, oauth_request: Starlette
     user = runtime.users.session_user(session)
     new_session: str | None = None
     if user is None:
+        username = form.get("username", "")
         try:
-            user = runtime.users.authenticate(form.get("username", ""), form.get("password", ""))
+            user = runtime.users.authenticate(username, form.get("password", ""))
         except LoginFailed as failed:
+            _audit_login(request, username[:64] or None, False, client_id=oauth_request.payload.client_id,
+                         detail=f"desk login refused: {failed}")
             return _show_consent(request, runtime, oauth_request, error=str(failed), status=401,
                                  patient=form.get("patient", ""))
+        _audit_login(request, user.username, True, client_id=oauth_request.payload.client_id, detail="desk login")
         new_session = runtime.users.start_session(user.username)
     if LAUNCH_PATIENT in (oauth_request.scope or "").split():
         patient = form.get("patient", "").strip().removeprefix("Patient/")
