@@ -275,6 +275,42 @@ def test_queue_survives_a_failed_drain_and_is_drained_exactly_once(isolated_engi
         queue.close()
 
 
+def test_an_explicit_drain_waits_for_a_drain_in_progress_elsewhere(isolated_engine: sa.Engine) -> None:
+    """``drain()`` returning means everything queued before it is stored, even while another
+    worker's background drain (which skips locked rows) holds some of them."""
+    import threading
+
+    import orjson
+
+    marker = f"held-{uuid4().hex[:8]}"
+    events = [audit_event(subtype="read", action="R", status=200, ctx=SYSTEM, entities=[], recorded=datetime.now(UTC),
+                          description=f"{marker}-{i}") for i in range(3)]
+    holding, release = threading.Event(), threading.Event()
+    slow_hooks = WriteHooks()
+
+    def linger(event: WriteEvent) -> None:  # the other worker is mid-drain, rows selected
+        holding.set()
+        release.wait(5)
+
+    slow_hooks.before("AuditEvent", linger)
+    other_worker = AuditQueue(isolated_engine, ResourceStore(isolated_engine, hooks=slow_hooks), drain_interval_ms=0)
+    good = ResourceStore(isolated_engine)
+    try:
+        other_worker.append_now(events)
+        background = threading.Thread(target=other_worker.drain)
+        background.start()
+        assert holding.wait(5)
+        threading.Timer(0.3, release.set).start()
+        drain(good)
+        found = orjson.loads(good.search(SYSTEM, "AuditEvent", [("_count", "100")], base_url=""))
+        assert sorted(e["resource"]["outcomeDesc"] for e in found.get("entry", [])) == [
+            f"{marker}-{i}" for i in range(3)]
+        background.join(5)
+    finally:
+        release.set()
+        other_worker.close()
+
+
 async def test_group_commit_appends_are_durable_when_awaited(isolated_engine: sa.Engine) -> None:
     queue = AuditQueue(isolated_engine, ResourceStore(isolated_engine), drain_interval_ms=0)
     try:

@@ -385,8 +385,9 @@ class AuditQueue:
             log.exception("audit queue drain failed")
 
     def drain(self, *, max_batches: int | None = None) -> int:
-        """Turn queued records into resources; returns how many (see :func:`drain`)."""
-        return drain(self.store, batch_size=self.batch_size, max_batches=max_batches)
+        """Turn queued records into resources; returns how many (see :func:`drain`). Rows another
+        worker's drain holds are left to it: background drains never wait for each other."""
+        return drain(self.store, batch_size=self.batch_size, max_batches=max_batches, skip_locked=True)
 
     async def settled(self) -> None:
         """Wait until every drain scheduled so far has run (shutdown, tests)."""
@@ -408,15 +409,20 @@ class _LoopState:
     drain_scheduled: bool = False
 
 
-def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | None = None) -> int:
-    """Store queued AuditEvents and Provenances as resources, oldest first; returns how many."""
+def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | None = None,
+          skip_locked: bool = False) -> int:
+    """Store queued AuditEvents and Provenances as resources, oldest first; returns how many.
+
+    By default this waits for drains running elsewhere, so that when it returns everything
+    queued before the call is stored (``yilian audit drain``, shutdown, tests). With
+    ``skip_locked`` (PostgreSQL) it passes over rows another drain is storing instead."""
     total = 0
     batches = 0
     while max_batches is None or batches < max_batches:
         with store.write(AccessContext.internal("audit-drain")) as tx:
             query = sa.select(QUEUE.c.seq, QUEUE.c.resource).order_by(QUEUE.c.seq).limit(batch_size)
             if is_postgres(tx.conn):
-                query = query.with_for_update(skip_locked=True)
+                query = query.with_for_update(skip_locked=skip_locked)
             rows = tx.conn.execute(query).all()
             if not rows:
                 break
