@@ -34,6 +34,7 @@ from service.fhir.search.sql import (
     Builder,
     keyset_after,
     live,
+    named_alias,
     order_by,
 )
 
@@ -58,10 +59,14 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
     builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
     fp = cursor_codec.fingerprint(rt, request.sort)
     cursor = request.cursor
-    snapshot = cursor.snapshot if cursor is not None else current_snapshot(conn)
+    # The first page reads the snapshot in its page query (no extra round trip): there it holds
+    # for every row by construction. Later pages pin to the cursor's.
+    snapshot: int | None = cursor.snapshot if cursor is not None else None
 
-    r = RESOURCE.alias("r")
-    where = [*live(r, rt), r.c.created_seq <= snapshot]
+    r = named_alias(RESOURCE, "r")
+    where = [*live(r, rt)]
+    if snapshot is not None:
+        where.append(r.c.created_seq <= snapshot)
     where += [builder.condition(rt, r, clause) for clause in request.clauses]
     if visible is not None:
         where.append(visible(rt, r.c.resource_type, r.c.id))
@@ -100,13 +105,20 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
         page_query = page_query.where(keyset_after(m_keys, cursor_codec.restore_key(cursor.key, kinds), backward))
     page_rows = page_query.order_by(*order_by(m_keys, backward)).limit(request.count + 1).subquery("pg")
     pg_keys = [(page_rows.c[f"k{i}"], descending, nullable) for i, (_, descending, nullable) in enumerate(keys)]
+    columns = [page_rows.c.rid, builder.dialect.json_text(VERSION.c.content), *(k for k, _, _ in pg_keys)]
+    if snapshot is None:
+        columns.append(sa.select(sa.func.max(VERSION.c.seq)).scalar_subquery().label("snapshot"))
     stmt = (
-        sa.select(page_rows.c.rid, builder.dialect.json_text(VERSION.c.content), *(k for k, _, _ in pg_keys))
+        sa.select(*columns)
         .select_from(page_rows.join(VERSION, VERSION.c.seq == page_rows.c.rseq))
         .order_by(*order_by(pg_keys, backward))
     )
 
     rows = list(conn.execute(stmt))
+    if snapshot is None and rows:
+        snapshot = int(rows[0][-1])
+        rows = [row[:-1] for row in rows]
+        where.append(r.c.created_seq <= snapshot)  # totals count what the pages will show
     more = len(rows) > request.count
     rows = rows[: request.count]
     if backward:
@@ -213,7 +225,7 @@ def _fetch(conn: sa.Connection, builder: Builder, keys: list[tuple[str, str]], v
     """The stored JSON of the live, visible resources among ``keys``."""
     out: dict[tuple[str, str], str] = {}
     for resource_type, ids in _group(keys, None).items():
-        r = RESOURCE.alias("inc")
+        r = named_alias(RESOURCE, "inc")
         for chunk in _chunks(ids):
             query = (
                 sa.select(r.c.id, builder.dialect.json_text(VERSION.c.content))
@@ -257,7 +269,7 @@ def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: 
     if not request.clauses:
         raise BadRequest(f"The conditional query '{query}' has no search criteria")
     builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
-    r = RESOURCE.alias("r")
+    r = named_alias(RESOURCE, "r")
     where = [*live(r, resource_type), *(builder.condition(resource_type, r, c) for c in request.clauses)]
     if visible is not None:
         where.append(visible(resource_type, r.c.resource_type, r.c.id))
