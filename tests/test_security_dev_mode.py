@@ -37,13 +37,13 @@ def _request(app: FastAPI, path: str, headers: dict[str, str]) -> Request:
                     "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()], "app": app})
 
 
-def test_dev_header_names_the_organization_only_when_auth_is_off(app: FastAPI, auth_app: FastAPI) -> None:
-    ctx = access_context(_request(app, "/fhir/Patient", {"X-Yilian-Organization": "Organization/clinic-yq-hedi"}))
+async def test_dev_header_names_the_organization_only_when_auth_is_off(app: FastAPI, auth_app: FastAPI) -> None:
+    ctx = await access_context(_request(app, "/fhir/Patient", {"X-Yilian-Organization": "Organization/clinic-yq-hedi"}))
     assert ctx.organization == "Organization/clinic-yq-hedi" and ctx.client_id == "anonymous" and not ctx.scopes
     from service.fhir.errors import Unauthorized
 
     with pytest.raises(Unauthorized):
-        access_context(_request(auth_app, "/fhir/Patient", {"X-Yilian-Organization": "Organization/clinic-yq-hedi"}))
+        await access_context(_request(auth_app, "/fhir/Patient", {"X-Yilian-Organization": "Organization/clinic-yq-hedi"}))
 
 
 async def test_development_mode_needs_no_token(client: httpx.AsyncClient) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from service.api.wire import Prefer, read_body, read_resource, response_media_type
 from service.config import Settings
@@ -22,7 +23,7 @@ DEV_ORGANIZATION_HEADER = "x-yilian-organization"
 PUBLIC_ROUTES = frozenset({"/fhir/metadata"})
 
 
-def access_context(request: Request) -> AccessContext:
+async def access_context(request: Request) -> AccessContext:
     """Who is calling: from the verified Bearer token (auth on), else from the dev header.
 
     Runs first for every FHIR route (a router-level dependency in ``create_app``), so an
@@ -43,7 +44,8 @@ def access_context(request: Request) -> AccessContext:
         ctx = AccessContext.anonymous()
     else:
         try:
-            ctx = authenticate(request, security).context()
+            # verifying may read the database (revocations, keys): off the event loop
+            ctx = (await run_in_threadpool(authenticate, request, security)).context()
         except BearerError as exc:
             error = TooManyRequests if exc.status == 429 else Unauthorized
             raise error(exc.description, headers=exc.headers) from None
