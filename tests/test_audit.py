@@ -162,6 +162,36 @@ async def test_every_write_has_provenance_and_audit_in_its_own_transaction(clien
     assert all(validate_resource(r) == [] for r in (*trail, *audits))
 
 
+async def test_a_transaction_leaves_one_record_per_kind_of_write_naming_every_version(
+        client: httpx.AsyncClient, world: World, app: FastAPI) -> None:
+    clinic = {**world.as_org("clinic-a1"), **FHIR}
+    condition = (await client.post("/Condition", headers=clinic, json={
+        "resourceType": "Condition", "subject": {"reference": f"Patient/{world['p1']}"}, "code": {"text": "头痛"}})).json()
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        *({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": f"体温 {i}"},
+                        "subject": {"reference": f"Patient/{world['p1']}"}},
+           "request": {"method": "POST", "url": "Observation"}} for i in range(5)),
+        {"resource": dict(condition, code={"text": "偏头痛"}),
+         "request": {"method": "PUT", "url": f"Condition/{condition['id']}"}},
+    ]}
+    answer = await client.post("", json=bundle, headers=clinic)
+    assert answer.status_code == 200, answer.text
+    written = [e["response"]["location"].split("/_history")[0] for e in answer.json()["entry"]]
+    drain(app.state.store)
+
+    versions = {f"{ref}/_history/1" for ref in written[:5]} | {f"{written[5]}/_history/2"}
+    lineages = {p["id"]: p for ref in written for p in search(app, "Provenance", target=ref)
+                if {t["reference"] for t in p["target"]} & versions}
+    assert sorted((p["activity"]["coding"][0]["code"], sorted(t["reference"] for t in p["target"]))
+                  for p in lineages.values()) == [
+        ("CREATE", sorted(f"{ref}/_history/1" for ref in written[:5])), ("UPDATE", [f"{written[5]}/_history/2"])]
+    audits = {e["id"]: e for ref in written[:5] for e in search(app, "AuditEvent", entity=ref)}
+    assert len(audits) == 1, "one AuditEvent for the five creates"
+    [audit] = audits.values()
+    assert audit["subtype"][0]["code"] == "create"
+    assert {f"{ref}/_history/1" for ref in written[:5]} | {f"Patient/{world['p1']}"} == whats(audit)
+
+
 async def test_a_failed_transaction_leaves_no_provenance_but_an_audited_failure(
         client: httpx.AsyncClient, world: World, app: FastAPI) -> None:
     new_id = f"tx-{uuid4().hex[:10]}"
@@ -198,7 +228,7 @@ def test_audit_records_cannot_be_changed_or_deleted_by_anyone(app: FastAPI) -> N
 
 
 async def test_audit_records_are_refused_over_rest_too(client: httpx.AsyncClient, app: FastAPI) -> None:
-    record = app.state.store.create(SYSTEM, provenance(target="Patient/x/_history/1", activity="CREATE", ctx=SYSTEM,
+    record = app.state.store.create(SYSTEM, provenance(targets=["Patient/x/_history/1"], activity="CREATE", ctx=SYSTEM,
                                                        recorded=datetime.now(UTC))).resource.as_dict()
     assert (await client.put(f"/Provenance/{record['id']}", json=record, headers=FHIR)).status_code == 403
     assert (await client.delete(f"/Provenance/{record['id']}")).status_code == 403

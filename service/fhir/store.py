@@ -441,6 +441,8 @@ class StoreTransaction:
                 batches[attribute].extend({"resource_type": resource_type, "resource_id": resource_id, **entry}
                                           for entry in getattr(rows, attribute))
         pending = [(table, batches[attribute]) for attribute, table in _INDEX_TARGETS if batches[attribute]]
+        if not pending:
+            return
         if self._postgres and sum(len(rows) for _, rows in pending) < _COPY_FROM_ROWS:
             _insert_pipelined(self.conn, pending)
             return

@@ -211,9 +211,9 @@ def audit_event(*, subtype: str | None, action: str, status: int, ctx: AccessCon
     return event
 
 
-def provenance(*, target: str, activity: str, ctx: AccessContext, recorded: datetime) -> dict[str, Any]:
-    """Who made this version (R4 Provenance): the organization is the author, the user or
-    client entered it on the organization's behalf."""
+def provenance(*, targets: list[str], activity: str, ctx: AccessContext, recorded: datetime) -> dict[str, Any]:
+    """Who made these versions (R4 Provenance): the organization is the author, the user or
+    client entered them on the organization's behalf."""
     agents: list[dict[str, Any]] = []
     participant = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
     if ctx.organization:
@@ -226,7 +226,7 @@ def provenance(*, target: str, activity: str, ctx: AccessContext, recorded: date
     agents.append(enterer)
     return {
         "resourceType": "Provenance",
-        "target": [{"reference": target}],
+        "target": [{"reference": target} for target in targets],
         "recorded": fhir_instant(recorded),
         "activity": {"coding": [{"system": DATA_OPERATION, "code": activity}]},
         "agent": agents,
@@ -249,40 +249,61 @@ def _patients_of(resource: dict[str, Any] | None) -> list[str]:
 # -- writes: in the write's own transaction -------------------------------------------------------
 
 def record_write(event: WriteEvent) -> None:
-    """After-write hook (every type but the audit trail's own): queue the AuditEvent and the
-    Provenance of this version in the write's transaction (one INSERT for the whole transaction,
-    just before its COMMIT). They commit with it and roll back with it."""
+    """After-write hook (every type but the audit trail's own): note the write on the
+    transaction; just before COMMIT its AuditEvents and Provenances are queued in one INSERT.
+    They commit with the write and roll back with it."""
     if event.resource_type in AUDIT_TYPES:
         return  # the audit trail does not audit itself
     tx = event.tx
-    now = tx.clock()
     content = event.resource if event.resource is not None else event.previous
-    target = f"{event.resource_type}/{event.resource_id}/_history/{_version_after(event)}"
-    current = _CURRENT.get()
-    entities = [resource_entity(target)] + [patient_entity(p) for p in _patients_of(content)
-                                            if p != f"{event.resource_type}/{event.resource_id}"]
-    ctx = event.ctx
-    subtype = _WRITE_SUBTYPE[event.method]
-    audit = audit_event(subtype=subtype, action=ACTIONS[subtype], status=200, ctx=ctx, entities=entities,
-                        recorded=now, address=current.address if current else None)
-    lineage = provenance(target=target, activity=_ACTIVITY[event.method], ctx=ctx, recorded=now)
-    records = tx.before_commit("yilian.audit", _TransactionRecords(tx.conn))
+    reference = f"{event.resource_type}/{event.resource_id}"
+    target = f"{reference}/_history/{_version_after(event)}"
+    patients = [p for p in _patients_of(content) if p != reference]
+    records = tx.before_commit("yilian.audit", _TransactionRecords(tx.conn, tx.clock()))
     assert isinstance(records, _TransactionRecords)
-    records.rows += [{"queued_at": now, "resource": audit}, {"queued_at": now, "resource": lineage}]
+    records.add(event.ctx, event.method, target, patients)
+    current = _CURRENT.get()
     if current is not None:
         current.written_in_transaction = True
+        records.address = current.address
 
 
 class _TransactionRecords:
-    """The audit records of one transaction, queued in one INSERT just before its COMMIT."""
+    """The audit records of one transaction, queued in one INSERT just before its COMMIT.
 
-    def __init__(self, conn: sa.Connection) -> None:
+    Writes by the same caller with the same interaction share one AuditEvent (an entity per
+    version written) and one Provenance (a target per version): a 500-entry transaction Bundle
+    leaves two records per kind of write, not a thousand, and every version is still found by
+    ``Provenance?target=`` and ``AuditEvent?entity=``."""
+
+    def __init__(self, conn: sa.Connection, recorded: datetime) -> None:
         self.conn = conn
-        self.rows: list[dict[str, Any]] = []
+        self.recorded = recorded
+        self.address: str | None = None
+        self.groups: dict[tuple[AccessContext, str], _WriteGroup] = {}
+
+    def add(self, ctx: AccessContext, method: str, target: str, patients: list[str]) -> None:
+        group = self.groups.setdefault((ctx, method), _WriteGroup())
+        group.targets.append(target)
+        group.patients.update(dict.fromkeys(patients))
 
     def __call__(self) -> None:
-        if self.rows:
-            self.conn.execute(QUEUE.insert(), self.rows)
+        rows = []
+        for (ctx, method), group in self.groups.items():
+            subtype = _WRITE_SUBTYPE[method]
+            entities = [resource_entity(t) for t in group.targets] + [patient_entity(p) for p in group.patients]
+            audit = audit_event(subtype=subtype, action=ACTIONS[subtype], status=200, ctx=ctx, entities=entities,
+                                recorded=self.recorded, address=self.address)
+            lineage = provenance(targets=group.targets, activity=_ACTIVITY[method], ctx=ctx, recorded=self.recorded)
+            rows += [{"queued_at": self.recorded, "resource": audit}, {"queued_at": self.recorded, "resource": lineage}]
+        if rows:
+            self.conn.execute(QUEUE.insert(), rows)
+
+
+@dataclass
+class _WriteGroup:
+    targets: list[str] = field(default_factory=list)
+    patients: dict[str, None] = field(default_factory=dict)  # ordered set
 
 
 def _version_after(event: WriteEvent) -> int:
