@@ -29,7 +29,7 @@ log = logging.getLogger("yilian")
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None, clock: Clock = utc_now,
                security: SecuritySettings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = engine or create_engine(settings.database_url)
+    engine = engine or create_engine(settings.database_url, pool_size=settings.database_pool_size)
     app = FastAPI(
         title="Yilian FHIR gateway",
         version=__version__,

@@ -12,6 +12,11 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./var/yilian.db"
     base_url: str = "http://127.0.0.1:8000/fhir"
+    # PostgreSQL connections each worker keeps open (as many again may open for bursts and
+    # close after). Size it for the requests one worker serves at once: a connection opened
+    # per request costs a PostgreSQL process fork. Workers × 2 × this must stay below the
+    # server's max_connections.
+    database_pool_size: int = 20
     # Load the demo alliance the first time the server starts on an empty database.
     demo_data: bool = False
     # Authorization arrives with the security issue; until then every caller is anonymous.
