@@ -143,3 +143,22 @@ def test_hooks_that_read_the_store_see_earlier_creates_of_the_same_bundle(engine
     ]}
     bundles.process_bundle(store, CALLER, bundle, base_url="")
     assert seen == [marker]
+
+
+def test_reference_content_is_read_once_per_transaction_and_forgotten_on_write(engine: sa.Engine) -> None:
+    store = ResourceStore(engine)
+    system = AccessContext.internal("test")
+    org_id = f"org-{uuid4().hex[:8]}"
+    store.update(system, "Organization", org_id, {"resourceType": "Organization", "id": org_id, "name": "旧名"})
+    with store.write(system) as tx:
+        assert tx.reference_content("Organization", org_id)["name"] == "旧名"
+        first = tx.reference_content("Organization", org_id)
+        first["name"] = "被调用方改了"  # callers get their own copy
+        assert tx.reference_content("Organization", org_id)["name"] == "旧名"
+        tx.as_system("hook").update("Organization", org_id, {"resourceType": "Organization", "id": org_id,
+                                                             "name": "新名"})
+        assert tx.reference_content("Organization", org_id)["name"] == "新名", "a write forgets the old copy"
+        new_id = f"org-{uuid4().hex[:8]}"
+        assert tx.reference_content("Organization", new_id) is None
+        tx.create_many([({"resourceType": "Organization", "name": "后来的"}, new_id)])
+        assert tx.reference_content("Organization", new_id)["name"] == "后来的"

@@ -30,7 +30,7 @@ _MAX_DEPTH = 8
 def content(tx: StoreTransaction, reference: str | None) -> dict[str, Any] | None:
     if not reference or "/" not in reference:
         return None
-    return tx.current_content(*split_ref(reference))
+    return tx.reference_content(*split_ref(reference))
 
 
 def org_chain(tx: StoreTransaction, reference: str | None) -> list[tuple[str, dict[str, Any]]]:

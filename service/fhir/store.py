@@ -52,6 +52,15 @@ _INDEX_TARGETS: tuple[tuple[str, sa.Table], ...] = (
 )
 
 
+# The store's own look-ups by primary key, built once (constructing a statement costs more
+# than running it).
+_CURRENT_VERSION = sa.select(R.c.version_id, R.c.deleted).where(
+    R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i"))
+_CURRENT_VERSION_FOR_UPDATE = _CURRENT_VERSION.with_for_update()
+_CURRENT_CONTENT = (sa.select(sa.cast(V.c.content, sa.Text)).select_from(R.join(V, V.c.seq == R.c.seq))
+                    .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -150,6 +159,7 @@ class StoreTransaction:
         self._postgres = is_postgres(conn)
         # Work to do once, just before COMMIT (see before_commit); shared with as_system().
         self._deferred: dict[Any, Callable[[], None]] = {} if deferred is None else deferred
+        self._reference_cache: dict[tuple[str, str], str | bytes | None] = {}
 
     def authorize(self, interaction: str, resource_type: str) -> None:
         if not self.ctx.system:
@@ -159,8 +169,10 @@ class StoreTransaction:
         """The same transaction acting as the service itself: for follow-up writes a domain
         hook makes on the caller's behalf (a referral's Task), which the caller's own scopes
         need not cover. The hook is responsible for only doing what the workflow requires."""
-        return StoreTransaction(self.conn, AccessContext.internal(name), self.clock,
-                                hooks=self.hooks, policy=self.policy, deferred=self._deferred)
+        system = StoreTransaction(self.conn, AccessContext.internal(name), self.clock,
+                                  hooks=self.hooks, policy=self.policy, deferred=self._deferred)
+        system._reference_cache = self._reference_cache  # one transaction, one memory
+        return system
 
     def before_commit(self, key: Any, work: Callable[[], None]) -> Callable[[], None]:
         """Run ``work`` once at the end of this interaction, inside its transaction, just before
@@ -221,20 +233,25 @@ class StoreTransaction:
 
     def current_version(self, resource_type: str, resource_id: str, *, lock: bool = False) -> tuple[int, bool] | None:
         """(version_id, deleted) of the current version, locking the row for an update."""
-        query = sa.select(R.c.version_id, R.c.deleted).where(
-            R.c.resource_type == resource_type, R.c.id == resource_id
-        )
-        if lock and self._postgres:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
+        query = _CURRENT_VERSION_FOR_UPDATE if lock and self._postgres else _CURRENT_VERSION
+        row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
         return None if row is None else (row[0], row[1])
 
     def current_content(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The current JSON (None when absent or deleted), for hooks and write checks."""
-        text = self.conn.execute(
-            sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
-            .where(R.c.resource_type == resource_type, R.c.id == resource_id)
-        ).scalar()
+        text = self.conn.execute(_CURRENT_CONTENT, {"t": resource_type, "i": resource_id}).scalar()
+        return None if text is None else orjson.loads(text)
+
+    def reference_content(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        """:meth:`current_content` read at most once per transaction: for the reference data a
+        domain hook consults again and again (an organization and its ``partOf`` chain, a
+        Schedule, a HealthcareService) and this transaction does not change. A write of the
+        resource in this transaction forgets the remembered copy."""
+        key = (resource_type, resource_id)
+        if key not in self._reference_cache:
+            self._reference_cache[key] = self.conn.execute(
+                _CURRENT_CONTENT, {"t": resource_type, "i": resource_id}).scalar()
+        text = self._reference_cache[key]
         return None if text is None else orjson.loads(text)
 
     def emit(self, topic: str, payload: dict[str, Any]) -> int:
@@ -296,6 +313,8 @@ class StoreTransaction:
             resource["meta"] = {**(resource.get("meta") or {}), "versionId": "1", "lastUpdated": fhir_instant(now)}
             rows.append({"resource_type": resource["resourceType"], "id": resource_id, "version_id": 1,
                          "last_updated": now, "method": "POST", "deleted": False, "content": resource})
+        for row in rows:
+            self._reference_cache.pop((row["resource_type"], row["id"]), None)
         seqs = self.conn.execute(V.insert().returning(V.c.seq, sort_by_parameter_order=True), rows).scalars().all()
         stored = [StoredResource(row["resource_type"], row["id"], 1, now, orjson.dumps(row["content"]), seq)
                   for row, seq in zip(rows, seqs, strict=True)]
@@ -399,6 +418,7 @@ class StoreTransaction:
 
     def _insert_version(self, resource_type: str, resource_id: str, version_id: int, now: datetime,
                         method: str, content: dict[str, Any] | None) -> int:
+        self._reference_cache.pop((resource_type, resource_id), None)
         return self.conn.execute(
             V.insert().returning(V.c.seq),
             {"resource_type": resource_type, "id": resource_id, "version_id": version_id,
@@ -450,6 +470,11 @@ class StoreTransaction:
             _bulk_insert(self.conn, table, rows)
 
     def _clear_index(self, resource_type: str, resource_ids: list[str]) -> None:
+        if self._postgres:
+            # one statement (one round trip) for all index tables, as the inserts
+            with self.conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+                cursor.execute(_CLEAR_INDEX_SQL, {"t": resource_type, "ids": resource_ids})
+            return
         for _, table in _INDEX_TARGETS:
             self.conn.execute(
                 table.delete().where(table.c.resource_type == resource_type,
@@ -477,6 +502,13 @@ def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]
     with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row([row.get(name, _COLUMN_DEFAULTS.get(name)) for name in columns])
+
+
+#: PostgreSQL: the index rows of some resources of one type, deleted from every index table.
+_CLEAR_INDEX_SQL = "WITH " + ", ".join(
+    f"d{i} AS (DELETE FROM {table.name} WHERE resource_type = %(t)s AND resource_id = ANY(%(ids)s))"
+    for i, (_, table) in enumerate(_INDEX_TARGETS[:-1])
+) + f" DELETE FROM {_INDEX_TARGETS[-1][1].name} WHERE resource_type = %(t)s AND resource_id = ANY(%(ids)s)"
 
 
 #: Below this many index rows (one resource: typically 10-40) a COPY per table, three round

@@ -22,7 +22,7 @@ def content(tx: StoreTransaction, reference: str | None) -> dict[str, Any] | Non
     if not reference or reference.count("/") != 1:
         return None
     resource_type, resource_id = reference.split("/")
-    return tx.current_content(resource_type, resource_id)
+    return tx.reference_content(resource_type, resource_id)
 
 
 def chain(tx: StoreTransaction, reference: str | None) -> list[tuple[str, dict[str, Any]]]:
