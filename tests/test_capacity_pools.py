@@ -274,3 +274,28 @@ async def test_capability_statement_lists_the_capacity_operations(http) -> None:
         assert json.loads(Path(f"fhir_profiles/OperationDefinition-appointment-{name}.json").read_text())["url"] == url
     slot = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Slot")
     assert "pool" in {p["name"] for p in slot["searchParam"]}
+
+
+async def test_r20_every_policy_change_is_an_audit_event(http, capacity_app) -> None:
+    """Issue #5 point 1 ("every change audited") with issue #4's trail: who changed which
+    policy, when, to what — committed with the change, found by AuditEvent?entity=."""
+    import orjson
+
+    from service.fhir.access import AccessContext
+    from service.security.audit import drain
+
+    headers = {"X-Yilian-Organization": HOSPITAL}
+    assert (await http.put(f"{ADMIN}/policy/{ENDOCRINOLOGY}", json={"specialist_reserved_share": 0.3},
+                           headers=headers)).status_code == 200
+    assert (await http.put(f"{ADMIN}/policy/{ENDOCRINOLOGY}", json={"specialist_reserved_share": 0.28},
+                           headers=headers)).status_code == 200
+    assert (await http.delete(f"{ADMIN}/policy/{ENDOCRINOLOGY}", headers=headers)).status_code == 204
+    drain(capacity_app.state.store)
+    bundle = orjson.loads(capacity_app.state.store.search(
+        AccessContext.internal("test"), "AuditEvent", [("entity", ENDOCRINOLOGY), ("subtype", "110131")],
+        base_url=""))
+    events = sorted((e["resource"] for e in bundle.get("entry", [])), key=lambda e: e["recorded"])[-3:]
+    assert [e["action"] for e in events] == ["C", "U", "D"]
+    assert "0.28" in events[1]["outcomeDesc"]
+    assert all(e["type"]["code"] == "110113" and e["agent"][0]["extension"][0]["valueReference"]["reference"]
+               == HOSPITAL for e in events)

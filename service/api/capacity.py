@@ -12,6 +12,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
@@ -22,6 +23,7 @@ from service.capacity.report import capacity_report
 from service.fhir.db import write_transaction
 from service.fhir.errors import BadRequest, Forbidden, NotFound
 from service.fhir.store import StoredResource, parse_version
+from service.security.audit import record_configuration_change
 from service.security.scopes import ADMIN_SCOPE
 
 router = APIRouter()
@@ -91,9 +93,12 @@ def policy_write(resource_type: str, resource_id: str, body: dict = Depends(reso
                  call: Call = Depends(admin_call)) -> Response:
     scope = _scope(resource_type, resource_id)
     with write_transaction(call.store.engine) as conn:
+        before = policy.get_override(conn, scope)
         override, warnings = policy.set_override(conn, scope, body, actor=_actor(call), now=call.store.clock(),
                                                  if_match=parse_version(call.request.headers.get("if-match")))
         effective = _effective(call, conn, scope).as_json()
+        _audit_policy_change(call, conn, scope, "C" if before is None else "U",
+                             f"capacity policy of {scope} set: {orjson.dumps(body).decode()}")
     return _json_response({"scope": scope, "override": override, "effective": effective, "warnings": warnings})
 
 
@@ -101,6 +106,8 @@ def policy_delete(resource_type: str, resource_id: str, call: Call = Depends(adm
     scope = _scope(resource_type, resource_id)
     with write_transaction(call.store.engine) as conn:
         removed = policy.delete_override(conn, scope, actor=_actor(call), now=call.store.clock())
+        if removed:
+            _audit_policy_change(call, conn, scope, "D", f"capacity policy of {scope} removed: defaults apply")
     return Response(status_code=204 if removed else 404)
 
 
@@ -120,6 +127,13 @@ def report(organization: str, date: str, call: Call = Depends(admin_call)) -> Re
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+def _audit_policy_change(call: Call, conn: Any, scope: str, action: str, description: str) -> None:
+    """Every policy change is an AuditEvent too, committed with the change (issue #4 point 5)."""
+    client = call.request.client
+    record_configuration_change(conn, call.ctx, what=scope, action=action, description=description,
+                                address=client.host if client else None)
+
 
 def _find(call: Call, params: booking.Params) -> Response:
     request = booking.FindRequest.from_parameters(params)

@@ -247,10 +247,8 @@ def delete_override(conn: sa.Connection, scope: str, *, actor: str | None, now: 
 
 def record_change(conn: sa.Connection, scope: str, old: dict[str, Any] | None, new: dict[str, Any] | None, *,
                   actor: str | None, now: datetime) -> None:
-    """The audit trail of policy changes (who, when, old, new).
-
-    Kept in our own ``capacity_policy_history`` table: the shared AuditEvent infrastructure
-    (service/security/audit.py) did not exist when this was written."""
+    """The policy's own history (who, when, old, new), served by the admin API's ``_history``.
+    The API layer also records each change as an AuditEvent (``service.api.capacity``)."""
     conn.execute(POLICY_HISTORY.insert().values(scope=scope, changed_at=now, changed_by=actor, old=old, new=new))
 
 

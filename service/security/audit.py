@@ -75,6 +75,8 @@ PATIENT_RECORD = {"system": DCM, "code": "110110", "display": "Patient Record"}
 USER_AUTHENTICATION = {"system": DCM, "code": "110114", "display": "User Authentication"}
 AUDIT_LOG_USED = {"system": DCM, "code": "110101", "display": "Audit Log Used"}
 LOGIN = {"system": DCM, "code": "110122", "display": "Login"}
+SECURITY_ALERT = {"system": DCM, "code": "110113", "display": "Security Alert"}
+SOFTWARE_CONFIGURATION = {"system": DCM, "code": "110131", "display": "Software Configuration"}
 SOURCE = {"site": "yilian", "observer": {"display": "Yilian FHIR gateway"},
           "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4",
                     "display": "Application Server"}]}
@@ -304,6 +306,18 @@ class _TransactionRecords:
 class _WriteGroup:
     targets: list[str] = field(default_factory=list)
     patients: dict[str, None] = field(default_factory=dict)  # ordered set
+
+
+def record_configuration_change(conn: sa.Connection, ctx: AccessContext, *, what: str, action: str,
+                                description: str, address: str | None = None) -> None:
+    """Queue the AuditEvent of a change to the service's own configuration (a capacity policy
+    ...) in the change's transaction: DICOM Security Alert / Software Configuration, the
+    configured thing as entity, ``action`` C, U or D."""
+    now = datetime.now(UTC)
+    event = audit_event(subtype=None, action=action, status=200, ctx=ctx, entities=[resource_entity(what)],
+                        recorded=now, address=address, event_type=SECURITY_ALERT, description=mask_text(description))
+    event["subtype"] = [SOFTWARE_CONFIGURATION]
+    conn.execute(QUEUE.insert(), [{"queued_at": now, "resource": event}])
 
 
 def _version_after(event: WriteEvent) -> int:
