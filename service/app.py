@@ -44,11 +44,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     errors.install(app)
     # Security first: /fhir/.well-known/smart-configuration before /fhir/{resource_type}.
     install_security(app, settings, engine, security)
-    app.include_router(capacity_api.router)  # before the FHIR router: Appointment/$find is not an id
+    # Every router that serves callers checks the token first (a router-level dependency runs
+    # before the endpoint's own), so an anonymous request is refused before its body is read.
+    authenticated = [Depends(access_context)]
+    app.include_router(capacity_api.router, dependencies=authenticated)  # before the FHIR router: $find is no id
     install_capacity(app, hooks)
-    app.include_router(referral_api.router, prefix="/fhir", tags=["Referral"])  # before the FHIR router
+    app.include_router(referral_api.router, prefix="/fhir", tags=["Referral"], dependencies=authenticated)
     install_referral(app, hooks)
-    app.include_router(rest.router, prefix="/fhir", tags=["FHIR"], dependencies=[Depends(access_context)])
+    app.include_router(rest.router, prefix="/fhir", tags=["FHIR"], dependencies=authenticated)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> Response:

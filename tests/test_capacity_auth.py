@@ -52,3 +52,15 @@ async def test_capacity_admin_api_needs_the_admin_scope(auth_client: httpx.Async
     report = await auth_client.get(f"{ADMIN}/report", params={"organization": HOSPITAL, "date": "2026-03-03"},
                                    headers=admin)
     assert report.status_code == 200
+
+
+async def test_operations_refuse_an_anonymous_caller_before_reading_the_body(auth_client: httpx.AsyncClient) -> None:
+    """Issue #4: no token → 401 before anything else, on the operation routers too (a broken
+    body must not get a 400 that tells an anonymous caller how the server parses it)."""
+    broken = {"Content-Type": "application/fhir+json"}
+    for path in ("/Appointment/$book", "/Appointment/$hold", "/Appointment/$find", "/ServiceRequest/$route",
+                 f"{ADMIN}/policy/{HOSPITAL}"):
+        method = "PUT" if path.startswith(ADMIN) else "POST"
+        response = await auth_client.request(method, path, content=b"{not json", headers=broken)
+        assert response.status_code == 401, (path, response.text)
+        assert response.headers["www-authenticate"].startswith("Bearer")
