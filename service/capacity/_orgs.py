@@ -3,8 +3,7 @@
 An alliance is an Organization typed ``alliance``; its members point at it through
 ``partOf`` (a department → its hospital → the alliance). A grassroots institution carries
 the level ``primary`` as a second ``type`` (codes of ``organization-type``, see the demo).
-Reads go straight to the current stored JSON: these are the service's own look-ups, not
-the caller's, so the caller's visibility does not apply.
+The organization look-ups themselves are :mod:`service.directory`'s (shared with referral).
 """
 
 from __future__ import annotations
@@ -15,44 +14,21 @@ from typing import Any
 from service.capacity._fhir import (
     KIND_SYSTEM,
     KINDS,
-    ORG_TYPE_SYSTEM,
     codes_of,
     first_token,
     ref_of,
-    split_ref,
 )
+from service.directory import alliance_in, content, org_chain, type_codes
 from service.fhir.store import StoreTransaction
 
+__all__ = ["Placement", "alliance_of", "bed_placement", "content", "hospital_of", "is_grassroots", "org_chain",
+           "schedule_placement", "type_codes"]
+
 HOSPITAL_CODES = {"hospital", "secondary", "tertiary"}
-_MAX_DEPTH = 8
-
-
-def content(tx: StoreTransaction, reference: str | None) -> dict[str, Any] | None:
-    if not reference or "/" not in reference:
-        return None
-    return tx.reference_content(*split_ref(reference))
-
-
-def org_chain(tx: StoreTransaction, reference: str | None) -> list[tuple[str, dict[str, Any]]]:
-    """The organization and its ``partOf`` ancestors, nearest first (cycle-safe)."""
-    chain: list[tuple[str, dict[str, Any]]] = []
-    seen: set[str] = set()
-    while reference and reference.startswith("Organization/") and reference not in seen and len(chain) < _MAX_DEPTH:
-        seen.add(reference)
-        org = content(tx, reference)
-        if org is None:
-            break
-        chain.append((reference, org))
-        reference = ref_of(org.get("partOf"))
-    return chain
-
-
-def type_codes(org: dict[str, Any]) -> set[str]:
-    return codes_of(org.get("type"), ORG_TYPE_SYSTEM)
 
 
 def alliance_of(chain: list[tuple[str, dict[str, Any]]]) -> str | None:
-    return next((ref for ref, org in chain if "alliance" in type_codes(org)), None)
+    return alliance_in(chain)
 
 
 def hospital_of(chain: list[tuple[str, dict[str, Any]]]) -> str | None:

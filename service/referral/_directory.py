@@ -3,44 +3,28 @@
 An alliance is an Organization typed ``alliance``; its members point at it through
 ``partOf`` (a department → its hospital → the alliance). Levels (``primary`` | ``secondary`` |
 ``tertiary``) are a second ``type`` from ``CodeSystem/organization-type``. These are the
-service's own look-ups, made on the caller's behalf, so they read the stored content directly
-and the caller's visibility does not apply.
+service's own look-ups (:mod:`service.directory`, shared with capacity), made on the caller's
+behalf, so the caller's visibility does not apply.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from service.directory import alliance_in, content, org_chain, type_codes
 from service.fhir.store import StoreTransaction
-from service.referral.codes import HL7_ORG_TYPE, LEVELS, ORGANIZATION_TYPE, codes_in, ref_of
+from service.referral.codes import HL7_ORG_TYPE, LEVELS, codes_in, ref_of
 
-_MAX_DEPTH = 8
+__all__ = ["alliance_of", "chain", "content", "display", "grassroots", "hospitals", "institution_level",
+           "institution_of", "is_department", "is_within", "level_of", "members", "organization_of_role",
+           "type_codes"]
+
 _HOSPITAL_LEVELS = ("tertiary", "secondary")
-
-
-def content(tx: StoreTransaction, reference: str | None) -> dict[str, Any] | None:
-    if not reference or reference.count("/") != 1:
-        return None
-    resource_type, resource_id = reference.split("/")
-    return tx.reference_content(resource_type, resource_id)
 
 
 def chain(tx: StoreTransaction, reference: str | None) -> list[tuple[str, dict[str, Any]]]:
     """The organization and its ``partOf`` ancestors, nearest first (cycle-safe)."""
-    out: list[tuple[str, dict[str, Any]]] = []
-    seen: set[str] = set()
-    while reference and reference.startswith("Organization/") and reference not in seen and len(out) < _MAX_DEPTH:
-        seen.add(reference)
-        org = content(tx, reference)
-        if org is None:
-            break
-        out.append((reference, org))
-        reference = ref_of(org.get("partOf"))
-    return out
-
-
-def type_codes(org: dict[str, Any]) -> set[str]:
-    return set(codes_in(org.get("type"), ORGANIZATION_TYPE))
+    return org_chain(tx, reference)
 
 
 def is_department(org: dict[str, Any]) -> bool:
@@ -72,7 +56,7 @@ def institution_level(tx: StoreTransaction, reference: str | None) -> str | None
 
 
 def alliance_of(tx: StoreTransaction, reference: str | None) -> str | None:
-    return next((ref for ref, org in chain(tx, reference) if "alliance" in type_codes(org)), None)
+    return alliance_in(chain(tx, reference))
 
 
 def is_within(tx: StoreTransaction, reference: str | None, ancestor: str | None) -> bool:
