@@ -12,10 +12,10 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./var/yilian.db"
     base_url: str = "http://127.0.0.1:8000/fhir"
-    # PostgreSQL connections each worker keeps open (as many again may open for bursts and
-    # close after). Size it for the requests one worker serves at once: a connection opened
-    # per request costs a PostgreSQL process fork. Workers × 2 × this must stay below the
-    # server's max_connections.
+    # PostgreSQL connections each worker keeps open (half as many again may open for bursts
+    # and close after). Size it for the requests one worker serves at once: a connection
+    # opened per request costs a PostgreSQL process fork. Workers × 1.5 × this, plus other
+    # clients, must stay below the server's max_connections (100 by default).
     database_pool_size: int = 20
     # Load the demo alliance the first time the server starts on an empty database.
     demo_data: bool = False

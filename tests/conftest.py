@@ -45,7 +45,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[Engine]:
     """A database with the current schema, created once per test session."""
-    eng = create_engine(database_url)
+    eng = create_engine(database_url, pool_size=10)
     try:
         with eng.connect() as conn:
             conn.execute(sa.text("SELECT 1"))

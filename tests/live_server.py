@@ -30,7 +30,9 @@ def live_server(database_url: str, *, workers: int = 2, env: dict[str, str] | No
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     environment = {**os.environ, "YILIAN_DATABASE_URL": database_url, "YILIAN_BASE_URL": f"{base}/fhir",
-                   "YILIAN_AUTH": "off", "YILIAN_LOG_LEVEL": "warning", **(env or {})}
+                   "YILIAN_AUTH": "off", "YILIAN_LOG_LEVEL": "warning",
+                   # the test process holds connections too: stay well below max_connections
+                   "YILIAN_DATABASE_POOL_SIZE": "10", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(workers), "--log-level", "warning"],

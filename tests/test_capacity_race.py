@@ -82,7 +82,8 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         engine.dispose()
         port = _free_port()
         env = dict(os.environ, YILIAN_DATABASE_URL=url, YILIAN_AUTH="off",
-                   YILIAN_BASE_URL=f"http://127.0.0.1:{port}/fhir", YILIAN_LOG_LEVEL="warning")
+                   YILIAN_BASE_URL=f"http://127.0.0.1:{port}/fhir", YILIAN_LOG_LEVEL="warning",
+                   YILIAN_DATABASE_POOL_SIZE="10")  # the test process holds connections too
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
              "--workers", str(workers), "--log-level", "warning"],

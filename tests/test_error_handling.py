@@ -42,3 +42,23 @@ async def test_body_over_the_limit_is_413(engine, database_url: str) -> None:
         response = await client.post("/Patient", json=big, headers={"Content-Type": "application/fhir+json"})
     assert response.status_code == 413
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_an_unreachable_database_is_503_with_retry_after_not_500() -> None:
+    """A refused database connection (restart, max_connections, a missing database) means
+    "nothing happened, try again": 503 + Retry-After, an OperationOutcome, no trace."""
+    from service.fhir.db import create_engine
+
+    missing = create_engine("postgresql://postgres@127.0.0.1:5432/yilian_no_such_database_here", pool_size=1)
+    app = create_app(Settings(database_url="postgresql://unused", auth="off", base_url="http://testserver/fhir"),
+                     engine=missing)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as http:
+        for method, path, body in (("GET", "/fhir/Patient/p1", None),
+                                   ("POST", "/fhir/Patient", {"resourceType": "Patient"})):
+            response = await http.request(method, path, json=body)
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            outcome = response.json()
+            assert outcome["resourceType"] == "OperationOutcome"
+            assert outcome["issue"][0]["code"] == "transient" and "Traceback" not in response.text
+    missing.dispose()

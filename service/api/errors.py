@@ -6,6 +6,7 @@ import logging
 from uuid import uuid4
 
 import orjson
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -49,6 +50,17 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     return outcome_response(400, issues)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    # The database refused a connection (restart, max_connections, pool timeout) or broke one
+    # off: nothing was written (the transaction did not commit), and trying again shortly is
+    # the right answer, so this is a 503, not a 500.
+    reference = uuid4().hex[:12]
+    log.error("database unavailable %s on %s %s: %s", reference, request.method, request.url.path, exc)
+    return outcome_response(503, [Issue("error", "transient", "the database is not available right now; nothing "
+                                        f"was changed; retry shortly (reference {reference})")],
+                            {"Retry-After": "1"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # Never show a stack trace to the caller; log it with a reference they can quote.
     reference = uuid4().hex[:12]
@@ -60,4 +72,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(FhirError, _fhir_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _database_unavailable)  # no pooled connection free
     app.add_exception_handler(Exception, _unexpected)

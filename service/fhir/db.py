@@ -36,7 +36,7 @@ def create_engine(url: str, *, pool_size: int = 20) -> Engine:
         return engine
     # JIT compilation costs more than our short index queries take to run (measured ~500 ms
     # of compile for a 130 ms sorted search), so it is off for our sessions.
-    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size // 2, pool_pre_ping=True,
                             connect_args={"options": "-c jit=off"}, **_JSON_CODEC)
 
 
