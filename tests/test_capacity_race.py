@@ -8,12 +8,6 @@ a conditional UPDATE of the slot's capacity row with RETURNING.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +24,7 @@ from service.capacity.tables import SLOTS
 from service.fhir.db import create_engine
 from service.fhir.store import ResourceStore
 from service.migrate import upgrade
+from tests.live_server import live_server
 from tests.test_capacity_support import (
     CLINIC,
     day_bundle,
@@ -38,7 +33,6 @@ from tests.test_capacity_support import (
     upward_referral,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 ORTHOPAEDICS = "HealthcareService/hcs-yq1-orthopaedics"
 ORTHOPAEDIST = "PractitionerRole/spec-yq1-orthopaedics-1"
 
@@ -52,12 +46,6 @@ class Server:
     @property
     def fhir(self) -> str:
         return f"{self.base}/fhir"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fresh_database(test_url: str, tmp_path: Path) -> tuple[str, sa.Engine | None]:
@@ -74,40 +62,14 @@ def _fresh_database(test_url: str, tmp_path: Path) -> tuple[str, sa.Engine | Non
 def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     url, admin = _fresh_database(database_url, tmp_path_factory.mktemp("race"))
     workers = 2 if admin is not None else 1
-    process = None
     try:
         upgrade(url)
         engine = create_engine(url)
         load_alliance(ResourceStore(engine))
         engine.dispose()
-        port = _free_port()
-        env = dict(os.environ, YILIAN_DATABASE_URL=url, YILIAN_AUTH="off",
-                   YILIAN_BASE_URL=f"http://127.0.0.1:{port}/fhir", YILIAN_LOG_LEVEL="warning",
-                   YILIAN_DATABASE_POOL_SIZE="10")  # the test process holds connections too
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(workers), "--log-level", "warning"],
-            cwd=ROOT, env=env, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60  # start-up wait, not an assertion on speed
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, "uvicorn exited during start-up"
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.2)
-        yield Server(base, url, workers)
+        with live_server(url, workers=workers) as fhir_base:
+            yield Server(fhir_base.removesuffix("/fhir"), url, workers)
     finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)  # the group we started, by its id
-                process.wait()
         if admin is not None:
             with admin.connect() as conn:
                 conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
