@@ -1,6 +1,11 @@
 """Shared fixtures. Every test module runs on SQLite, or on PostgreSQL when
 ``YILIAN_TEST_DATABASE_URL`` names one (CI runs the suite once per database).
 
+On PostgreSQL each run creates its own database next to the named one
+(``<name>_run_<pid>_<random>``) and drops it at the end, so that two runs on one machine —
+two developers, or a benchmark next to CI — never touch each other's data. A run killed
+before its end leaves that database behind (``DROP DATABASE`` it by hand).
+
 A run told to use PostgreSQL that cannot reach it fails: it never silently skips.
 """
 
@@ -9,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -19,7 +25,7 @@ from sqlalchemy.engine import Engine
 from service.app import create_app
 from service.config import Settings
 from service.fhir import tables
-from service.fhir.db import create_engine, is_postgres
+from service.fhir.db import create_engine
 from service.migrate import upgrade
 from service.security.oauth.config import SecuritySettings
 
@@ -38,8 +44,25 @@ def _database_url(tmp_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _database_url(tmp_path_factory.mktemp("db"))
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = _database_url(tmp_path_factory.mktemp("db"))
+    if not url.startswith("postgres"):
+        yield url
+        return
+    name = f"{url.rsplit('/', 1)[1]}_run_{os.getpid()}_{uuid4().hex[:6]}"
+    admin = create_engine(url, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # a PostgreSQL we were told to use must be there
+        admin.dispose()
+        pytest.fail(f"cannot create a test database on {url}: {exc}", pytrace=False)
+    try:
+        yield url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -51,10 +74,6 @@ def engine(database_url: str) -> Iterator[Engine]:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:  # a PostgreSQL we were told to use must be there
         pytest.fail(f"cannot reach the test database {database_url}: {exc}", pytrace=False)
-    if is_postgres(eng):
-        with eng.begin() as conn:
-            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-            conn.execute(sa.text("CREATE SCHEMA public"))
     upgrade(database_url)  # the schema comes from the migrations, as in production
     yield eng
     eng.dispose()
