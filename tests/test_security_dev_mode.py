@@ -43,7 +43,8 @@ async def test_dev_header_names_the_organization_only_when_auth_is_off(app: Fast
     from service.fhir.errors import Unauthorized
 
     with pytest.raises(Unauthorized):
-        await access_context(_request(auth_app, "/fhir/Patient", {"X-Yilian-Organization": "Organization/clinic-yq-hedi"}))
+        await access_context(_request(auth_app, "/fhir/Patient",
+                                      {"X-Yilian-Organization": "Organization/clinic-yq-hedi"}))
 
 
 async def test_development_mode_needs_no_token(client: httpx.AsyncClient) -> None:

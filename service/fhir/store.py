@@ -52,15 +52,6 @@ _INDEX_TARGETS: tuple[tuple[str, sa.Table], ...] = (
 )
 
 
-# The store's own look-ups by primary key, built once (constructing a statement costs more
-# than running it).
-_CURRENT_VERSION = sa.select(R.c.version_id, R.c.deleted).where(
-    R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i"))
-_CURRENT_VERSION_FOR_UPDATE = _CURRENT_VERSION.with_for_update()
-_CURRENT_CONTENT = (sa.select(sa.cast(V.c.content, sa.Text)).select_from(R.join(V, V.c.seq == R.c.seq))
-                    .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
-
-
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -114,6 +105,15 @@ class HistoryEntry:
 def _json_text(column: sa.ColumnElement) -> sa.ColumnElement:
     """Select stored JSON as text, so that reads never parse and re-serialise it."""
     return sa.cast(column, sa.Text)
+
+
+# The store's own look-ups by primary key, built once (constructing a statement costs more
+# than running it).
+_CURRENT_VERSION = sa.select(R.c.version_id, R.c.deleted).where(
+    R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i"))
+_CURRENT_VERSION_FOR_UPDATE = _CURRENT_VERSION.with_for_update()
+_CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
+                    .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
 
 
 def _utc(moment: datetime) -> datetime:
@@ -464,7 +464,7 @@ class StoreTransaction:
         if not pending:
             return
         if self._postgres and sum(len(rows) for _, rows in pending) < _COPY_FROM_ROWS:
-            _insert_pipelined(self.conn, pending)
+            _insert_in_one_statement(self.conn, pending)
             return
         for table, rows in pending:
             _bulk_insert(self.conn, table, rows)
@@ -516,7 +516,7 @@ _CLEAR_INDEX_SQL = "WITH " + ", ".join(
 _COPY_FROM_ROWS = 200
 
 
-def _insert_pipelined(conn: sa.Connection, pending: list[tuple[sa.Table, list[dict[str, Any]]]]) -> None:
+def _insert_in_one_statement(conn: sa.Connection, pending: list[tuple[sa.Table, list[dict[str, Any]]]]) -> None:
     """PostgreSQL: the rows of several tables in one statement (one round trip), as
     ``WITH t1 AS (INSERT INTO a VALUES ...), t2 AS (INSERT INTO b ...) INSERT INTO c ...``."""
     inserts: list[str] = []
