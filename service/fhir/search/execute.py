@@ -47,11 +47,6 @@ MAX_INCLUDES = 1000
 _CHUNK = 500  # ids per IN list: far below both databases' bound-parameter limits
 
 
-def current_snapshot(conn: sa.Connection) -> int:
-    """The highest change sequence committed so far (0 for an empty store)."""
-    return int(conn.execute(sa.select(sa.func.max(VERSION.c.seq))).scalar() or 0)
-
-
 def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visible | None = None) -> SearchPage:
     """Run ``request`` on ``conn`` and return one page. ``visible`` restricts every resource
     returned or counted (matches, total and included resources)."""
