@@ -96,8 +96,10 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def app(engine: Engine, settings: Settings) -> FastAPI:
-    return create_app(settings, engine=engine)
+def app(engine: Engine, settings: Settings) -> Iterator[FastAPI]:
+    app = create_app(settings, engine=engine)
+    yield app
+    app.state.audit_queue.close()  # let pending drains finish while the database still exists
 
 
 @pytest.fixture
@@ -123,8 +125,10 @@ def security_settings() -> SecuritySettings:
 
 
 @pytest.fixture(scope="session")
-def auth_app(engine: Engine, auth_settings: Settings, security_settings: SecuritySettings) -> FastAPI:
-    return create_app(auth_settings, engine=engine, security=security_settings)
+def auth_app(engine: Engine, auth_settings: Settings, security_settings: SecuritySettings) -> Iterator[FastAPI]:
+    app = create_app(auth_settings, engine=engine, security=security_settings)
+    yield app
+    app.state.audit_queue.close()
 
 
 @pytest.fixture
