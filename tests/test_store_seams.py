@@ -145,7 +145,7 @@ def test_hooks_that_read_the_store_see_earlier_creates_of_the_same_bundle(engine
     assert seen == [marker]
 
 
-def test_reference_content_is_read_once_per_transaction_and_forgotten_on_write(engine: sa.Engine) -> None:
+def test_reference_content_gives_each_caller_a_copy_and_forgets_what_the_transaction_writes(engine: sa.Engine) -> None:
     store = ResourceStore(engine)
     system = AccessContext.internal("test")
     org_id = f"org-{uuid4().hex[:8]}"

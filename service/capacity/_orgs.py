@@ -21,14 +21,10 @@ from service.capacity._fhir import (
 from service.directory import alliance_in, content, org_chain, type_codes
 from service.fhir.store import StoreTransaction
 
-__all__ = ["Placement", "alliance_of", "bed_placement", "content", "hospital_of", "is_grassroots", "org_chain",
+__all__ = ["Placement", "alliance_in", "bed_placement", "content", "hospital_of", "is_grassroots", "org_chain",
            "schedule_placement", "type_codes"]
 
 HOSPITAL_CODES = {"hospital", "secondary", "tertiary"}
-
-
-def alliance_of(chain: list[tuple[str, dict[str, Any]]]) -> str | None:
-    return alliance_in(chain)
 
 
 def hospital_of(chain: list[tuple[str, dict[str, Any]]]) -> str | None:
@@ -66,7 +62,7 @@ def _placement_from_org(tx: StoreTransaction, org_ref: str | None, department: s
     hospital = hospital_of(chain)
     if department is None and chain and org_ref != hospital:
         department = org_ref  # a department Organization below its hospital
-    return Placement(alliance_of(chain), hospital or org_ref, department, kind, specialty, service_type, actors)
+    return Placement(alliance_in(chain), hospital or org_ref, department, kind, specialty, service_type, actors)
 
 
 def schedule_placement(tx: StoreTransaction, schedule: dict[str, Any]) -> Placement:

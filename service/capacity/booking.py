@@ -113,7 +113,7 @@ def identify_caller(tx: StoreTransaction, ctx: AccessContext, *, patient: str | 
     if not organization and ctx.practitioner and ctx.practitioner.startswith("PractitionerRole/"):
         organization = ref_of((_orgs.content(tx, ctx.practitioner) or {}).get("organization"))
     chain = _orgs.org_chain(tx, organization)
-    caller = Caller(ctx, organization, _orgs.alliance_of(chain), _orgs.is_grassroots(chain), patient)
+    caller = Caller(ctx, organization, _orgs.alliance_in(chain), _orgs.is_grassroots(chain), patient)
     if patient and (caller.grassroots or (strict and referrals)):
         caller.referral = upward_referral(tx, patient, list(referrals), strict=strict)
     return caller

@@ -525,48 +525,11 @@ def _insert_in_one_statement(conn: sa.Connection, pending: list[tuple[sa.Table, 
     params: list[list[Any]] = []
     for _, table in _INDEX_TARGETS:
         rows = rows_of.get(table.name, [])
-        for name, convert in _array_columns(table):
+        for name, _, convert in _array_columns(table):
             default = _COLUMN_DEFAULTS.get(name)
-            params.append([convert(row.get(name, default)) for row in rows])
+            params.append([None if (v := row.get(name, default)) is None else convert(v) for row in rows])
     with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
         cursor.execute(_INSERT_INDEX_ROWS_SQL, params)
-
-
-def _as_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _as_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _as_text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-@functools.lru_cache(maxsize=None)
-def _array_columns(table: sa.Table) -> list[tuple[str, Callable[[Any], Any]]]:
-    """(column, converter) for :data:`_INSERT_INDEX_ROWS_SQL`'s arrays, in its order."""
-    kinds = {sa.BigInteger: _as_int, sa.Integer: _as_int, sa.Float: _as_float}
-    return [(name, next((f for t, f in kinds.items() if isinstance(table.c[name].type, t)), _as_text))
-            for name in _insert_columns(table)]
-
-
-def _array_sql_type(column: sa.Column) -> str:
-    if isinstance(column.type, (sa.BigInteger, sa.Integer)):
-        return "bigint[]"
-    return "float8[]" if isinstance(column.type, sa.Float) else "text[]"
-
-
-def _insert_from_arrays(table: sa.Table) -> str:
-    columns = [c for c in table.columns if c.name != "pk"]
-    arrays = ", ".join(f"%s::{_array_sql_type(c)}" for c in columns)
-    return f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) SELECT * FROM unnest({arrays})"
-
-
-_INSERTS = [_insert_from_arrays(table) for _, table in _INDEX_TARGETS]
-_INSERT_INDEX_ROWS_SQL = ("WITH " + ", ".join(f"i{n} AS ({sql})" for n, sql in enumerate(_INSERTS[:-1]))
-                          + " " + _INSERTS[-1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -574,7 +537,29 @@ def _insert_columns(table: sa.Table) -> list[str]:
     return [c.name for c in table.columns if c.name != "pk"]
 
 
-# Columns with Python-side defaults that COPY must fill in itself.
+@functools.lru_cache(maxsize=None)
+def _array_columns(table: sa.Table) -> list[tuple[str, str, Callable[[Any], Any]]]:
+    """(column, PostgreSQL array type, Python converter) of the table's insertable columns."""
+    def kind(column: sa.Column) -> tuple[str, Callable[[Any], Any]]:
+        if isinstance(column.type, sa.Integer):  # BigInteger included
+            return "bigint[]", int
+        return ("float8[]", float) if isinstance(column.type, sa.Float) else ("text[]", str)
+
+    return [(name, *kind(table.c[name])) for name in _insert_columns(table)]
+
+
+def _insert_from_arrays(table: sa.Table) -> str:
+    columns = _array_columns(table)
+    arrays = ", ".join(f"%s::{sql_type}" for _, sql_type, _ in columns)
+    return f"INSERT INTO {table.name} ({', '.join(name for name, _, _ in columns)}) SELECT * FROM unnest({arrays})"
+
+
+_INSERTS = [_insert_from_arrays(table) for _, table in _INDEX_TARGETS]
+_INSERT_INDEX_ROWS_SQL = ("WITH " + ", ".join(f"i{n} AS ({sql})" for n, sql in enumerate(_INSERTS[:-1]))
+                          + " " + _INSERTS[-1])
+
+
+# Columns with Python-side defaults that COPY and the array insert must fill in themselves.
 _COLUMN_DEFAULTS: dict[str, Any] = {"system": ""}
 
 
