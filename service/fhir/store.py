@@ -13,9 +13,8 @@ current version. The JSON we store already carries ``id`` and ``meta.versionId``
 
 from __future__ import annotations
 
-import functools
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from service.fhir import tables
+from service.fhir import pg_writes, tables
 from service.fhir.access import AccessContext
 from service.fhir.db import is_postgres, read_transaction, write_transaction
 from service.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable
@@ -41,15 +40,7 @@ R = tables.ResourceRow.__table__
 V = tables.ResourceVersion.__table__
 OUTBOX = tables.OutboxEvent.__table__
 
-_INDEX_TARGETS: tuple[tuple[str, sa.Table], ...] = (
-    ("tokens", tables.TokenIndex.__table__),
-    ("strings", tables.StringIndex.__table__),
-    ("dates", tables.DateIndex.__table__),
-    ("references", tables.ReferenceIndex.__table__),
-    ("numbers", tables.NumberIndex.__table__),
-    ("quantities", tables.QuantityIndex.__table__),
-    ("uris", tables.UriIndex.__table__),
-)
+_INDEX_TARGETS = tables.INDEX_TARGETS
 
 
 def utc_now() -> datetime:
@@ -286,9 +277,7 @@ class StoreTransaction:
                 return WriteResult(self.read(resource_type, matches[0]), created=False, changed=False)
         resource_id = resource_id or uuid4().hex
         event = self._before_write(resource_type, resource_id, "POST", resource, None)
-        stored = self._write_version(resource, resource_type, resource_id, version_id=1, method="POST")
-        self._insert_pointer(stored)
-        self._index(resource_type, resource_id, resource, replace=False)
+        stored = self._store_new([(resource, resource_id)])[0]
         self._after_write(event)
         return WriteResult(stored, created=True)
 
@@ -304,24 +293,7 @@ class StoreTransaction:
             resource_type = _require_type(resource)
             self.authorize("create", resource_type)
             events.append(self._before_write(resource_type, resource_id, "POST", resource, None))
-        if not items:
-            return []
-        now = self.clock()
-        rows = []
-        for resource, resource_id in items:
-            resource["id"] = resource_id
-            resource["meta"] = {**(resource.get("meta") or {}), "versionId": "1", "lastUpdated": fhir_instant(now)}
-            rows.append({"resource_type": resource["resourceType"], "id": resource_id, "version_id": 1,
-                         "last_updated": now, "method": "POST", "deleted": False, "content": resource})
-        for row in rows:
-            self._reference_cache.pop((row["resource_type"], row["id"]), None)
-        seqs = self.conn.execute(V.insert().returning(V.c.seq, sort_by_parameter_order=True), rows).scalars().all()
-        stored = [StoredResource(row["resource_type"], row["id"], 1, now, orjson.dumps(row["content"]), seq)
-                  for row, seq in zip(rows, seqs, strict=True)]
-        self.conn.execute(R.insert(), [
-            {"resource_type": s.resource_type, "id": s.id, "version_id": 1, "seq": s.seq, "created_seq": s.seq,
-             "last_updated": now, "deleted": False} for s in stored])
-        self._insert_index_rows([(s.resource_type, s.id, resource) for s, (resource, _) in zip(stored, items)])
+        stored = self._store_new(items)
         for event in events:
             self._after_write(event)
         return stored
@@ -347,9 +319,7 @@ class StoreTransaction:
             self._index(resource_type, resource_id, resource, replace=False)
             self._after_write(event)
             return WriteResult(stored, created=True)
-        stored = self._write_version(resource, resource_type, resource_id, version_id=current[0] + 1, method=method)
-        self._move_pointer(stored, expected_version=current[0], deleted=False)
-        self._index(resource_type, resource_id, resource, replace=True)
+        stored = self._store_next(resource, resource_type, resource_id, expected_version=current[0], method=method)
         self._after_write(event)
         return WriteResult(stored, created=current[1])
 
@@ -405,14 +375,65 @@ class StoreTransaction:
         if event is not None:
             self.hooks.run_after(event)
 
-    def _write_version(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
-                       version_id: int, method: str) -> StoredResource:
-        now = self.clock()
+    def _stamp(self, resource: dict[str, Any], resource_id: str, version_id: int, now: datetime) -> None:
+        """Give the JSON to store its id and meta.versionId / meta.lastUpdated."""
         resource["id"] = resource_id
-        meta = dict(resource.get("meta") or {})
-        meta["versionId"] = str(version_id)
-        meta["lastUpdated"] = fhir_instant(now)
-        resource["meta"] = meta
+        resource["meta"] = {**(resource.get("meta") or {}), "versionId": str(version_id),
+                            "lastUpdated": fhir_instant(now)}
+        self._reference_cache.pop((resource["resourceType"], resource_id), None)
+
+    def _store_new(self, items: list[tuple[dict[str, Any], str]]) -> list[StoredResource]:
+        """Version 1, pointer and index rows of each resource (ids assigned), in as few
+        statements as the database allows: one on PostgreSQL (``pg_writes``)."""
+        if not items:
+            return []
+        now = self.clock()
+        for resource, resource_id in items:
+            self._stamp(resource, resource_id, 1, now)
+        if self._postgres:
+            versions = [pg_writes.NewVersion(r["resourceType"], i, "POST", orjson.dumps(r)) for r, i in items]
+            seqs = pg_writes.create(self.conn, versions, now, _index_batches(
+                (r["resourceType"], i, r) for r, i in items))
+            return [StoredResource(v.resource_type, v.id, 1, now, v.content, seqs[(v.resource_type, v.id)])
+                    for v in versions]
+        rows = [{"resource_type": r["resourceType"], "id": i, "version_id": 1, "last_updated": now,
+                 "method": "POST", "deleted": False, "content": r} for r, i in items]
+        seqs = self.conn.execute(V.insert().returning(V.c.seq, sort_by_parameter_order=True), rows).scalars().all()
+        stored = [StoredResource(row["resource_type"], row["id"], 1, now, orjson.dumps(row["content"]), seq)
+                  for row, seq in zip(rows, seqs, strict=True)]
+        self.conn.execute(R.insert(), [
+            {"resource_type": s.resource_type, "id": s.id, "version_id": 1, "seq": s.seq, "created_seq": s.seq,
+             "last_updated": now, "deleted": False} for s in stored])
+        self._insert_index_rows([(s.resource_type, s.id, r) for s, (r, _) in zip(stored, items)])
+        return stored
+
+    def _store_next(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
+                    expected_version: int, method: str) -> StoredResource:
+        """The next version of a resource whose row this transaction has locked: version,
+        pointer and index rows (one statement on PostgreSQL)."""
+        now = self.clock()
+        version_id = expected_version + 1
+        self._stamp(resource, resource_id, version_id, now)
+        if self._postgres:
+            content = orjson.dumps(resource)
+            seq, moved = pg_writes.update(
+                self.conn, pg_writes.NewVersion(resource_type, resource_id, method, content),
+                version_id=version_id, expected_version=expected_version, last_updated=now,
+                index_rows=_index_batches([(resource_type, resource_id, resource)]))
+            if not moved:
+                raise PreconditionFailed(f"{resource_type}/{resource_id} was changed concurrently; retry")
+            return StoredResource(resource_type, resource_id, version_id, now, content, seq)
+        stored = self._write_version(resource, resource_type, resource_id, version_id=version_id, method=method,
+                                     now=now)
+        self._move_pointer(stored, expected_version=expected_version, deleted=False)
+        self._index(resource_type, resource_id, resource, replace=True)
+        return stored
+
+    def _write_version(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
+                       version_id: int, method: str, now: datetime | None = None) -> StoredResource:
+        if now is None:
+            now = self.clock()
+            self._stamp(resource, resource_id, version_id, now)
         seq = self._insert_version(resource_type, resource_id, version_id, now, method, resource)
         return StoredResource(resource_type, resource_id, version_id, now, orjson.dumps(resource), seq)
 
@@ -453,21 +474,12 @@ class StoreTransaction:
         self._insert_index_rows([(resource_type, resource_id, resource)])
 
     def _insert_index_rows(self, resources: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """One multi-row INSERT per index table for all the given resources."""
-        batches: dict[str, list[dict[str, Any]]] = {attribute: [] for attribute, _ in _INDEX_TARGETS}
-        for resource_type, resource_id, resource in resources:
-            rows: IndexRows = index_resource(resource)
-            for attribute, _ in _INDEX_TARGETS:
-                batches[attribute].extend({"resource_type": resource_type, "resource_id": resource_id, **entry}
-                                          for entry in getattr(rows, attribute))
-        pending = [(table, batches[attribute]) for attribute, table in _INDEX_TARGETS if batches[attribute]]
-        if not pending:
-            return
-        if self._postgres and sum(len(rows) for _, rows in pending) < _COPY_FROM_ROWS:
-            _insert_in_one_statement(self.conn, pending)
-            return
-        for table, rows in pending:
-            _bulk_insert(self.conn, table, rows)
+        """SQLite (PostgreSQL writes its index rows with the versions, see ``pg_writes``):
+        one executemany per index table for all the given resources."""
+        batches = _index_batches(resources)
+        for attribute, table in _INDEX_TARGETS:
+            if batches[attribute]:
+                self.conn.execute(table.insert(), batches[attribute])
 
     def _clear_index(self, resource_type: str, resource_ids: list[str]) -> None:
         if self._postgres:
@@ -488,20 +500,15 @@ def _match_key(resource_type: str, query: str) -> int:
     return int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big", signed=True)
 
 
-def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """Insert many rows in as few statements as the driver allows.
-
-    psycopg's executemany sends one INSERT per row (pipelined); on PostgreSQL we use COPY,
-    ~10x faster for index rows. SQLite runs in-process, where executemany is already cheap.
-    """
-    if len(rows) < 8 or not is_postgres(conn):
-        conn.execute(table.insert(), rows)
-        return
-    columns = _insert_columns(table)
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row([row.get(name, _COLUMN_DEFAULTS.get(name)) for name in columns])
+def _index_batches(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The index rows of the resources, per index table (attribute of IndexRows), with owners."""
+    batches: dict[str, list[dict[str, Any]]] = {attribute: [] for attribute, _ in _INDEX_TARGETS}
+    for resource_type, resource_id, resource in resources:
+        rows: IndexRows = index_resource(resource)
+        for attribute, _ in _INDEX_TARGETS:
+            batches[attribute].extend({"resource_type": resource_type, "resource_id": resource_id, **entry}
+                                      for entry in getattr(rows, attribute))
+    return batches
 
 
 #: PostgreSQL: the index rows of some resources of one type, deleted from every index table.
@@ -509,58 +516,6 @@ _CLEAR_INDEX_SQL = "WITH " + ", ".join(
     f"d{i} AS (DELETE FROM {table.name} WHERE resource_type = %(t)s AND resource_id = ANY(%(ids)s))"
     for i, (_, table) in enumerate(_INDEX_TARGETS[:-1])
 ) + f" DELETE FROM {_INDEX_TARGETS[-1][1].name} WHERE resource_type = %(t)s AND resource_id = ANY(%(ids)s)"
-
-
-#: Below this many index rows (one resource: typically 10-40) a COPY per table, three round
-#: trips each, costs more than it saves: the rows of all tables go in one statement instead.
-_COPY_FROM_ROWS = 200
-
-
-def _insert_in_one_statement(conn: sa.Connection, pending: list[tuple[sa.Table, list[dict[str, Any]]]]) -> None:
-    """PostgreSQL: index rows of every table in one statement (one round trip) whose text never
-    changes — one array per column, ``unnest``-ed — so psycopg converts it once and PostgreSQL
-    plans it once per connection. (A ``VALUES`` list per row made the text depend on the row
-    count: psycopg then re-parsed ~200 placeholders on every create, a fifth of its CPU.)"""
-    rows_of = {table.name: rows for table, rows in pending}
-    params: list[list[Any]] = []
-    for _, table in _INDEX_TARGETS:
-        rows = rows_of.get(table.name, [])
-        for name, _, convert in _array_columns(table):
-            default = _COLUMN_DEFAULTS.get(name)
-            params.append([None if (v := row.get(name, default)) is None else convert(v) for row in rows])
-    with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-        cursor.execute(_INSERT_INDEX_ROWS_SQL, params)
-
-
-@functools.lru_cache(maxsize=None)
-def _insert_columns(table: sa.Table) -> list[str]:
-    return [c.name for c in table.columns if c.name != "pk"]
-
-
-@functools.lru_cache(maxsize=None)
-def _array_columns(table: sa.Table) -> list[tuple[str, str, Callable[[Any], Any]]]:
-    """(column, PostgreSQL array type, Python converter) of the table's insertable columns."""
-    def kind(column: sa.Column) -> tuple[str, Callable[[Any], Any]]:
-        if isinstance(column.type, sa.Integer):  # BigInteger included
-            return "bigint[]", int
-        return ("float8[]", float) if isinstance(column.type, sa.Float) else ("text[]", str)
-
-    return [(name, *kind(table.c[name])) for name in _insert_columns(table)]
-
-
-def _insert_from_arrays(table: sa.Table) -> str:
-    columns = _array_columns(table)
-    arrays = ", ".join(f"%s::{sql_type}" for _, sql_type, _ in columns)
-    return f"INSERT INTO {table.name} ({', '.join(name for name, _, _ in columns)}) SELECT * FROM unnest({arrays})"
-
-
-_INSERTS = [_insert_from_arrays(table) for _, table in _INDEX_TARGETS]
-_INSERT_INDEX_ROWS_SQL = ("WITH " + ", ".join(f"i{n} AS ({sql})" for n, sql in enumerate(_INSERTS[:-1]))
-                          + " " + _INSERTS[-1])
-
-
-# Columns with Python-side defaults that COPY and the array insert must fill in themselves.
-_COLUMN_DEFAULTS: dict[str, Any] = {"system": ""}
 
 
 def _require_type(resource: dict[str, Any]) -> str:

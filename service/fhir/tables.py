@@ -195,4 +195,9 @@ class OutboxEvent(SQLModel, table=True):
 
 
 INDEX_TABLES = (TokenIndex, StringIndex, DateIndex, ReferenceIndex, NumberIndex, QuantityIndex, UriIndex)
+#: (attribute of ``indexing.IndexRows``, table) for every index table.
+INDEX_TARGETS: tuple[tuple[str, sa.Table], ...] = tuple(
+    (attribute, model.__table__)  # type: ignore[attr-defined]
+    for attribute, model in zip(("tokens", "strings", "dates", "references", "numbers", "quantities", "uris"),
+                                INDEX_TABLES, strict=True))
 metadata = SQLModel.metadata

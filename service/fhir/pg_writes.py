@@ -1,0 +1,128 @@
+"""PostgreSQL: the write path's statements, written by hand, one statement per write.
+
+Through SQLAlchemy a create cost five statements (version, pointer, index rows ...) and as
+many round trips, each compiled, converted and adapted in Python. Here a create of one or
+many resources is *one* statement, an update another: version rows, pointers and index rows
+together, as data-modifying CTEs. Each statement's text never changes, so psycopg sends it as
+a prepared statement (PostgreSQL plans it once per connection) and its placeholders are
+PostgreSQL's own (``$1``: a raw cursor, nothing to parse in Python). The rows travel as JSON
+documents (``jsonb_to_recordset``): serialised by orjson, parsed by PostgreSQL, both in C;
+the stored JSON of each resource is spliced in as the bytes we already have.
+
+The sub-statements of one statement see the same snapshot and none sees another's rows,
+which is what an update needs: the DELETE of the old index rows cannot touch the new ones.
+SQLite keeps the SQLAlchemy path in ``store.py`` (it runs in process, there are no round trips
+to save).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from service.fhir import tables
+from service.fhir.db import execute_prepared
+
+INDEX_TARGETS = tables.INDEX_TARGETS
+
+#: Columns that are never NULL but may be absent from an index row ("" = no system).
+_NOT_NULL_DEFAULTS = {"system": "''"}
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """One version to store: its JSON exactly as it will be read back."""
+
+    resource_type: str
+    id: str
+    method: str
+    content: bytes
+
+
+def _sql_type(column: sa.Column) -> str:
+    if isinstance(column.type, sa.Integer):  # BigInteger included
+        return "bigint"
+    return "float8" if isinstance(column.type, sa.Float) else "text"
+
+
+@functools.cache
+def _index_columns(table: sa.Table) -> tuple[sa.Column, ...]:
+    return tuple(c for c in table.columns if c.name != "pk")
+
+
+def _insert_index_rows(table: sa.Table, document: str) -> str:
+    """INSERT the rows under ``document -> '<attribute>'`` (owner columns included) into ``table``."""
+    columns = _index_columns(table)
+    names = ", ".join(c.name for c in columns)
+    values = ", ".join(f"coalesce(x.{c.name}, {_NOT_NULL_DEFAULTS[c.name]})" if c.name in _NOT_NULL_DEFAULTS
+                       else f"x.{c.name}" for c in columns)
+    record = ", ".join(f"{c.name} {_sql_type(c)}" for c in columns)
+    attribute = next(a for a, t in INDEX_TARGETS if t is table)
+    return (f"INSERT INTO {table.name} ({names}) SELECT {values} "
+            f"FROM jsonb_to_recordset({document} -> '{attribute}') AS x({record})")
+
+
+def _index_ctes(document: str) -> list[str]:
+    return [f"i{n} AS ({_insert_index_rows(table, document)})" for n, (_, table) in enumerate(INDEX_TARGETS)]
+
+
+#: Create: versions (1), pointers and index rows of many resources. $1 the versions as a JSON
+#: array of {t, i, m, c}, $2 their lastUpdated, $3 the index rows as {tokens: [...], ...}.
+CREATE_SQL = (
+    "WITH v AS (INSERT INTO resource_version (resource_type, id, version_id, last_updated, method, deleted, content) "
+    "SELECT x.t, x.i, 1, $2, x.m, false, x.c FROM jsonb_to_recordset($1::jsonb) AS x(t text, i text, m text, c jsonb) "
+    "RETURNING resource_type, id, seq), "
+    "p AS (INSERT INTO resource (resource_type, id, version_id, seq, created_seq, last_updated, deleted) "
+    "SELECT resource_type, id, 1, seq, seq, $2, false FROM v), "
+    + ", ".join(_index_ctes("$3::jsonb"))
+    + " SELECT resource_type, id, seq FROM v"
+)
+
+#: Update: a new version of one resource whose pointer is at version $7 (the caller holds its
+#: row lock), its index rows replaced. $1 type, $2 id, $3 version, $4 lastUpdated, $5 method,
+#: $6 JSON, $7 expected current version, $8 index rows. Answers (seq, pointers moved).
+UPDATE_SQL = (
+    "WITH v AS (INSERT INTO resource_version (resource_type, id, version_id, last_updated, method, deleted, content) "
+    "VALUES ($1, $2, $3, $4, $5, false, $6::jsonb) RETURNING seq), "
+    "p AS (UPDATE resource SET version_id = $3, seq = v.seq, last_updated = $4, deleted = false FROM v "
+    "WHERE resource.resource_type = $1 AND resource.id = $2 AND resource.version_id = $7 RETURNING 1), "
+    + ", ".join(f"d{n} AS (DELETE FROM {table.name} WHERE resource_type = $1 AND resource_id = $2)"
+                for n, (_, table) in enumerate(INDEX_TARGETS))
+    + ", " + ", ".join(_index_ctes("$8::jsonb"))
+    + " SELECT (SELECT seq FROM v), (SELECT count(*) FROM p)"
+)
+
+
+def versions_document(versions: Iterable[NewVersion]) -> bytes:
+    """The JSON array CREATE_SQL reads, with each stored JSON spliced in as it is."""
+    parts = [orjson.dumps({"t": v.resource_type, "i": v.id, "m": v.method})[:-1] + b',"c":' + v.content + b"}"
+             for v in versions]
+    return b"[" + b",".join(parts) + b"]"
+
+
+def index_document(batches: dict[str, list[dict[str, Any]]]) -> str:
+    return orjson.dumps(batches).decode()
+
+
+def create(conn: sa.Connection, versions: Sequence[NewVersion], last_updated: datetime,
+           index_rows: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], int]:
+    """Store version 1 of each resource, its pointer and its index rows; their seqs by (type, id)."""
+    rows = execute_prepared(conn, CREATE_SQL, (versions_document(versions).decode(), last_updated,
+                                               index_document(index_rows)))
+    return {(t, i): seq for t, i, seq in rows}
+
+
+def update(conn: sa.Connection, version: NewVersion, *, version_id: int, expected_version: int,
+           last_updated: datetime, index_rows: dict[str, list[dict[str, Any]]]) -> tuple[int, bool]:
+    """Store a new version, move the pointer from ``expected_version`` and replace the index
+    rows; (seq, whether the pointer moved)."""
+    [(seq, moved)] = execute_prepared(conn, UPDATE_SQL, (
+        version.resource_type, version.id, version_id, last_updated, version.method, version.content.decode(),
+        expected_version, index_document(index_rows)))
+    return seq, moved == 1
