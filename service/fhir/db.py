@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -36,8 +38,34 @@ def create_engine(url: str, *, pool_size: int = 20) -> Engine:
         return engine
     # JIT compilation costs more than our short index queries take to run (measured ~500 ms
     # of compile for a 130 ms sorted search), so it is off for our sessions.
-    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size // 2, pool_pre_ping=True,
-                            connect_args={"options": "-c jit=off"}, **_JSON_CODEC)
+    engine = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size // 2,
+                              connect_args={"options": "-c jit=off"}, **_JSON_CODEC)
+    sa.event.listen(engine, "checkin", _note_checkin)
+    sa.event.listen(engine, "checkout", _ping_if_idle)
+    return engine
+
+
+#: A pooled connection idle longer than this is pinged before use (HikariCP's rule): one that
+#: was in use a moment ago is alive, and pinging it on every checkout (``pool_pre_ping``) cost
+#: every request a round trip. A connection that died while idle (a database restart) is
+#: replaced transparently; one that dies within this second fails its request with a 503.
+PING_AFTER_IDLE_S = 1.0
+
+
+def _note_checkin(_dbapi_conn, record) -> None:  # type: ignore[no-untyped-def]
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    idle_since = record.info.get("idle_since")
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+        return
+    try:
+        dbapi_conn.execute("SELECT 1")
+        dbapi_conn.rollback()
+    except Exception as exc:
+        # the pool discards this connection and checks out another (up to three times)
+        raise sa.exc.DisconnectionError(str(exc)) from exc
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -56,6 +84,17 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
 
 def is_postgres(engine: Engine | sa.Connection) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def execute_prepared(conn: sa.Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """PostgreSQL: run a hand-written statement (``$1`` placeholders) in ``conn``'s transaction
+    as a prepared statement, bypassing SQLAlchemy and psycopg's query conversion; its rows.
+    For the hot write path, whose statements' texts never change."""
+    import psycopg
+
+    with psycopg.RawCursor(conn.connection.driver_connection) as cursor:  # type: ignore[arg-type]
+        cursor.execute(sql, params, prepare=True)
+        return cursor.fetchall() if cursor.description is not None else []
 
 
 @contextmanager

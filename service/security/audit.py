@@ -50,7 +50,7 @@ from sqlalchemy.engine import Engine
 from service.demo.codes import BASE
 from service.fhir import tables
 from service.fhir.access import AccessContext
-from service.fhir.db import is_postgres, write_transaction
+from service.fhir.db import execute_prepared, is_postgres, write_transaction
 from service.fhir.errors import Forbidden, Issue, operation_outcome
 from service.fhir.hooks import ANY_TYPE, WriteEvent, WriteHooks
 from service.fhir.store import ResourceStore, fhir_instant
@@ -299,7 +299,7 @@ class _TransactionRecords:
             lineage = provenance(targets=group.targets, activity=_ACTIVITY[method], ctx=ctx, recorded=self.recorded)
             rows += [{"queued_at": self.recorded, "resource": audit}, {"queued_at": self.recorded, "resource": lineage}]
         if rows:
-            self.conn.execute(QUEUE.insert(), rows)
+            queue_records(self.conn, self.recorded, [row["resource"] for row in rows])
 
 
 @dataclass
@@ -317,7 +317,21 @@ def record_configuration_change(conn: sa.Connection, ctx: AccessContext, *, what
     event = audit_event(subtype=None, action=action, status=200, ctx=ctx, entities=[resource_entity(what)],
                         recorded=now, address=address, event_type=SECURITY_ALERT, description=mask_text(description))
     event["subtype"] = [SOFTWARE_CONFIGURATION]
-    conn.execute(QUEUE.insert(), [{"queued_at": now, "resource": event}])
+    queue_records(conn, now, [event])
+
+
+#: PostgreSQL: queue records in one prepared statement ($2: a JSON array of resources).
+_QUEUE_SQL = f"INSERT INTO {QUEUE.name} (queued_at, resource) SELECT $1, r FROM jsonb_array_elements($2::jsonb) AS r"
+
+
+def queue_records(conn: sa.Connection, queued_at: datetime, records: list[dict[str, Any]]) -> None:
+    """Append AuditEvents / Provenances to the queue in ``conn``'s transaction, in order."""
+    if not records:
+        return
+    if is_postgres(conn):
+        execute_prepared(conn, _QUEUE_SQL, (queued_at, orjson.dumps(records).decode()))
+    else:
+        conn.execute(QUEUE.insert(), [{"queued_at": queued_at, "resource": record} for record in records])
 
 
 def _version_after(event: WriteEvent) -> int:
@@ -356,9 +370,8 @@ class AuditQueue:
         """Write the events to the queue in one short transaction; durable when this returns."""
         if not events:
             return
-        now = datetime.now(UTC)
         with write_transaction(self.engine) as conn:
-            conn.execute(QUEUE.insert(), [{"queued_at": now, "resource": e} for e in events])
+            queue_records(conn, datetime.now(UTC), events)
 
     async def append(self, event: dict[str, Any]) -> None:
         """Durable when this returns. Requests that finish while a flush is running share the
@@ -515,7 +528,7 @@ def purge(engine: Engine, *, days: int, now: datetime | None = None, chunk: int 
                        recorded=now or datetime.now(UTC), event_type=AUDIT_LOG_USED,
                        description=f"retention purge: {removed} AuditEvents older than {days} days removed")
     with write_transaction(engine) as conn:
-        conn.execute(QUEUE.insert(), [{"queued_at": datetime.now(UTC), "resource": note}])
+        queue_records(conn, datetime.now(UTC), [note])
     return removed
 
 
