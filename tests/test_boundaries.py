@@ -396,6 +396,25 @@ async def test_a_draft_referral_is_the_senders_until_it_is_sent(client: httpx.As
     assert revoked.status_code == 200
 
 
+async def test_a_receivers_task_stays_visible_while_another_task_is_a_draft(
+        client: httpx.AsyncClient, world: World, app: FastAPI) -> None:
+    """The "not while draft" test of a Task's receivers is about *that* Task: its subquery once
+    lost its correlation (two levels down) and asked whether any draft Task existed at all."""
+    system = AccessContext.internal("test")
+    sent = app.state.store.create(system, {
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "requester": ref(f"Organization/{world['clinic-a1']}"), "owner": ref(f"Organization/{world['hosp-a']}"),
+    }).resource
+    draft = app.state.store.create(system, {
+        "resourceType": "Task", "status": "draft", "intent": "order",
+        "requester": ref(f"Organization/{world['clinic-b']}"), "owner": ref(f"Organization/{world['hosp-b']}"),
+    }).resource
+    hospital = world.as_org("hosp-a")
+    assert await status(client, f"/Task/{sent.id}", hospital) == 200
+    assert await status(client, f"/Task/{draft.id}", world.as_org("hosp-b")) == 404  # a draft is the sender's
+    assert await status(client, f"/Task/{draft.id}", world.as_org("clinic-b")) == 200
+
+
 # -- consent (R50) ----------------------------------------------------------------------------------
 
 async def test_rejected_consent_stops_sharing_beyond_treating_organizations(client: httpx.AsyncClient,

@@ -216,22 +216,29 @@ def _local_id(reference: str | None, resource_type: str) -> str | None:
     return rid
 
 
+def _exists(table: sa.FromClause, *conditions: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+    """EXISTS over ``table`` whose other columns belong to the enclosing queries, at whatever
+    depth. (SQLAlchemy's automatic correlation looks one level up only: a test on the row two
+    levels up became a cross join with a second copy of its table, true for every row.)"""
+    return sa.exists().where(*conditions).correlate_except(table)
+
+
 def _token(type_expr: Expr, id_expr: Expr, param: str, codes: tuple[str, ...]) -> sa.ColumnElement[bool]:
     t = TOKEN.alias()
-    return sa.exists().where(t.c.resource_type == type_expr, t.c.resource_id == id_expr, t.c.param == param,
-                             t.c.code.in_(codes))
+    return _exists(t, t.c.resource_type == type_expr, t.c.resource_id == id_expr, t.c.param == param,
+                   t.c.code.in_(codes))
 
 
 def _patient_link(type_expr: Expr, id_expr: Expr, params: tuple[str, ...]) -> sa.ColumnElement[bool]:
     r = REF.alias()
-    return sa.exists().where(r.c.resource_type == type_expr, r.c.resource_id == id_expr, r.c.param.in_(params),
-                             r.c.target_type == "Patient")
+    return _exists(r, r.c.resource_type == type_expr, r.c.resource_id == id_expr, r.c.param.in_(params),
+                   r.c.target_type == "Patient")
 
 
 def _sharing_refused(pid: Expr) -> sa.ColumnElement[bool]:
     c = REF.alias()
-    return sa.exists().where(
-        c.c.resource_type == "Consent", c.c.param == "patient", c.c.target_type == "Patient", c.c.target_id == pid,
+    return _exists(
+        c, c.c.resource_type == "Consent", c.c.param == "patient", c.c.target_type == "Patient", c.c.target_id == pid,
         _token("Consent", c.c.resource_id, "status", REFUSING_CONSENT_STATUSES),
         _token("Consent", c.c.resource_id, "scope", PRIVACY_CONSENT_SCOPES))
 
@@ -282,17 +289,17 @@ class _Rules:
     # -- composites ------------------------------------------------------------------------
     def record(self, type_expr: Expr, id_expr: Expr, params: tuple[str, ...]) -> sa.ColumnElement[bool]:
         r = REF.alias()
-        return sa.exists().where(r.c.resource_type == type_expr, r.c.resource_id == id_expr, r.c.param.in_(params),
+        return _exists(r, r.c.resource_type == type_expr, r.c.resource_id == id_expr, r.c.param.in_(params),
                                  r.c.target_type == "Patient", self.record_patient(r.c.target_id))
 
     def linked_to_referral(self, type_expr: Expr, id_expr: Expr, params: tuple[str, ...]) -> sa.ColumnElement[bool]:
         d = REF.alias()
-        return sa.exists().where(d.c.resource_type == type_expr, d.c.resource_id == id_expr, d.c.param.in_(params),
+        return _exists(d, d.c.resource_type == type_expr, d.c.resource_id == id_expr, d.c.param.in_(params),
                                  d.c.target_type.in_(REFERRAL_TYPES), self.referral(d.c.target_type, d.c.target_id))
 
     def referenced_by_referral(self, type_expr: Expr, id_expr: Expr) -> sa.ColumnElement[bool]:
         b = REF.alias()
-        return sa.exists().where(b.c.target_type == type_expr, b.c.target_id == id_expr,
+        return _exists(b, b.c.target_type == type_expr, b.c.target_id == id_expr,
                                  b.c.resource_type.in_(REFERRAL_TYPES),
                                  self.referral(b.c.resource_type, b.c.resource_id))
 
@@ -311,7 +318,7 @@ class _Rules:
         kind = sa.literal(type_expr) if isinstance(type_expr, str) else type_expr
         relative = kind.concat("/").concat(id_expr)
         urls = [relative] + ([sa.literal(self.base_url).concat(relative)] if self.base_url else [])
-        return sa.exists().where(u.c.resource_type == "DocumentReference", u.c.param == "location",
+        return _exists(u, u.c.resource_type == "DocumentReference", u.c.param == "location",
                                  u.c.value.in_(urls), self.document(u.c.resource_id))
 
     def rule(self, resource_type: str, type_expr: Expr, id_expr: Expr, *, write: bool) -> sa.ColumnElement[bool]:
@@ -345,14 +352,14 @@ class _Rules:
         with (type, parameter) pairs so that each composite appears once in the statement."""
         record_params = {**RECORD_PARAMS, **MIXED_TYPES, "DocumentReference": PATIENT_COMPARTMENT["DocumentReference"]}
         r, d, mixed = REF.alias(), REF.alias(), REF.alias()
-        record = sa.exists().where(
+        record = _exists(r,
             r.c.resource_type == type_col, r.c.resource_id == id_col, r.c.target_type == "Patient",
             sa.tuple_(r.c.resource_type, r.c.param).in_(_pairs(record_params)), self.record_patient(r.c.target_id))
-        linked = sa.exists().where(
+        linked = _exists(d,
             d.c.resource_type == type_col, d.c.resource_id == id_col, d.c.target_type.in_(REFERRAL_TYPES),
             sa.tuple_(d.c.resource_type, d.c.param).in_(_pairs(REFERRAL_LINKED)),
             self.referral(d.c.target_type, d.c.target_id))
-        names_patient = sa.exists().where(
+        names_patient = _exists(mixed,
             mixed.c.resource_type == type_col, mixed.c.resource_id == id_col, mixed.c.target_type == "Patient",
             sa.tuple_(mixed.c.resource_type, mixed.c.param).in_(_pairs(MIXED_TYPES)))
         return sa.or_(
@@ -393,7 +400,7 @@ class _PatientRules(_Rules):
 
     def referral(self, type_expr: Expr, id_expr: Expr) -> sa.ColumnElement[bool]:
         x = REF.alias()
-        return sa.exists().where(x.c.resource_type == type_expr, x.c.resource_id == id_expr,
+        return _exists(x, x.c.resource_type == type_expr, x.c.resource_id == id_expr,
                                  x.c.param.in_(REFERRAL_PATIENT_PARAMS), x.c.target_type == "Patient",
                                  x.c.target_id == self.pid)
 
@@ -415,7 +422,7 @@ class _OrganizationRules(_Rules):
                 child.c.resource_type == "Organization", child.c.param == "partof",
                 child.c.target_type == "Organization", child.c.target_id == tree.c.id, tree.c.depth < MAX_ORG_DEPTH))
         alliance = TOKEN.alias("desk_type")
-        self._not_desk = ~sa.exists().where(alliance.c.resource_type == "Organization",
+        self._not_desk = ~_exists(alliance, alliance.c.resource_type == "Organization",
                                             alliance.c.resource_id == organization_id, alliance.c.param == "type",
                                             alliance.c.code == ALLIANCE_TYPE_CODE)
 
@@ -441,7 +448,7 @@ class _OrganizationRules(_Rules):
     def _agent_exists(self, ref: sa.FromClause, *conditions: sa.ColumnElement[bool],
                       source: sa.FromClause | None = None) -> sa.ColumnElement[bool]:
         joined, agent = self._with_agent(ref, source)
-        return sa.select(sa.literal(1)).select_from(joined).where(*conditions, agent).exists()
+        return sa.select(sa.literal(1)).select_from(joined).where(*conditions, agent).correlate_except(joined).exists()
 
     def contracted(self, pid: Expr) -> sa.ColumnElement[bool]:
         m = REF.alias()
@@ -765,7 +772,7 @@ def _about(type_col: sa.ColumnElement[Any], id_col: sa.ColumnElement[Any],
            rule: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
     """``rule`` (over :data:`TARGET`) for the row the caller's columns name: one primary-key
     lookup ties them together, so the big clause itself never has to be rebuilt."""
-    return sa.exists().where(TARGET.c.resource_type == type_col, TARGET.c.id == id_col, rule)
+    return _exists(TARGET, TARGET.c.resource_type == type_col, TARGET.c.id == id_col, rule)
 
 
 def _who(ctx: AccessContext) -> str:
