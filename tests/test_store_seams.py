@@ -162,3 +162,25 @@ def test_reference_content_gives_each_caller_a_copy_and_forgets_what_the_transac
         assert tx.reference_content("Organization", new_id) is None
         tx.create_many([({"resourceType": "Organization", "name": "后来的"}, new_id)])
         assert tx.reference_content("Organization", new_id)["name"] == "后来的"
+
+
+def test_referrers_finds_what_points_at_a_resource_whoever_may_see_it(engine: sa.Engine) -> None:
+    """The workflow's look-up ("the Task of this referral"): every live referrer, relative or
+    absolute, whatever the caller's boundary hides from ``find``; never a deleted one."""
+    store = ResourceStore(engine, policy=_OnlyOwnOrganization())
+    system = AccessContext.internal()
+    clinic_b = AccessContext(client_id="b", organization="Organization/clinic-b")
+    target = f"ServiceRequest/{uuid4().hex}"
+
+    def task(focus: str) -> str:
+        return store.create(system, {"resourceType": "Task", "status": "requested", "intent": "order",
+                                     "focus": {"reference": focus}}).resource.id
+
+    relative, absolute, gone = task(target), task(f"https://elsewhere.example/fhir/{target}"), task(target)
+    task(f"ServiceRequest/{uuid4().hex}")  # points elsewhere
+    store.delete(system, "Task", gone)
+    with store.write(clinic_b) as tx:
+        assert tx.find("Task", f"focus={target}", limit=10) == []  # clinic B may see none of them
+        assert sorted(tx.referrers("Task", "focus", target)) == sorted([relative, absolute])
+        assert tx.referrers("Task", "focus", target, limit=1) == [min(relative, absolute)]
+        assert tx.referrers("Task", "based-on", target) == []

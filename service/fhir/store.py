@@ -107,6 +107,13 @@ _CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c
                     .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
 
 
+_REF = tables.ReferenceIndex.__table__
+_REFERRERS = (sa.select(_REF.c.resource_id).distinct()
+              .where(_REF.c.resource_type == sa.bindparam("t"), _REF.c.param == sa.bindparam("p"),
+                     _REF.c.target_id == sa.bindparam("ti"), _REF.c.target_type == sa.bindparam("tt"))
+              .order_by(_REF.c.resource_id).limit(sa.bindparam("n")))
+
+
 def _utc(moment: datetime) -> datetime:
     """Timestamps come back zone-less (SQLite) or in the session's zone (PostgreSQL); we store UTC."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
@@ -251,6 +258,15 @@ class StoreTransaction:
             OUTBOX.insert().returning(OUTBOX.c.seq),
             {"topic": topic, "payload": payload, "created_at": self.clock()},
         ).scalar_one()
+
+    def referrers(self, resource_type: str, param: str, target: str, *, limit: int = 100) -> list[str]:
+        """Ids of the ``resource_type`` resources whose reference parameter ``param`` points at
+        ``target`` ("Type/id"), whoever may see them: one index look-up, for the service's own
+        follow-ups (the Task of a referral), never for what a caller is shown — that is
+        :meth:`find`, which applies the caller's boundary."""
+        target_type, _, target_id = target.partition("/")
+        return list(self.conn.execute(_REFERRERS, {"t": resource_type, "p": param, "tt": target_type,
+                                                   "ti": target_id, "n": limit}).scalars())
 
     def find(self, resource_type: str, query: str, *, limit: int = 2) -> list[str]:
         from service.fhir.search import find_matches

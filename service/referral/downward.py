@@ -100,7 +100,7 @@ def draft_follow_up_plan(tx: StoreTransaction, policy: Policy, referral_id: str,
             kind, text = _ACTIVITY[code]
             activities.append({"detail": {"kind": kind, "code": concept(SERVICE, code), "status": "not-started",
                                           "performer": performers, "description": text}})
-    for prescription in tx.find("MedicationRequest", f"based-on=ServiceRequest/{referral_id}", limit=100):
+    for prescription in tx.referrers("MedicationRequest", "based-on", f"ServiceRequest/{referral_id}", limit=100):
         activities.append({"reference": reference(f"MedicationRequest/{prescription}")})
     plan: dict[str, Any] = {
         "resourceType": "CarePlan",

@@ -206,17 +206,17 @@ class Referrals:
         assert new is not None
         referral_id = event.resource_id
         referral_ref = f"ServiceRequest/{referral_id}"
-        if tx.find("Task", f"focus={referral_ref}", limit=1):
+        if tx.referrers("Task", "focus", referral_ref, limit=1):
             raise Unprocessable("Yilian opens the Task of a referral itself when it is sent; do not send one",
                                 expression="Task.focus")
         sender = directory.institution_of(tx, directory.organization_of_role(tx, ref_of(new.get("requester"))))
         receiver = receiver_of(tx, new)
         assert sender is not None and receiver is not None
-        for prescription_id in tx.find("MedicationRequest", f"based-on={referral_ref}", limit=100):
+        for prescription_id in tx.referrers("MedicationRequest", "based-on", referral_ref, limit=100):
             prescription = tx.current_content("MedicationRequest", prescription_id)
             downward.check_long_prescription(self.policy, prescription or {},
                                              where=f"MedicationRequest/{prescription_id}")  # R12a
-        appointments = [f"Appointment/{i}" for i in tx.find("Appointment", f"based-on={referral_ref}", limit=20)]
+        appointments = [f"Appointment/{i}" for i in tx.referrers("Appointment", "based-on", referral_ref, limit=20)]
         appointments += [r for r in (ref_of(s) for s in new.get("supportingInfo") or [])
                          if r and r.startswith("Appointment/") and r not in appointments
                          and directory.content(tx, r) is not None]
@@ -303,7 +303,7 @@ class Referrals:
                 continue
             if not is_referral(directory.content(tx, referral_ref)):
                 continue
-            for task_id in tx.find("Task", f"focus={referral_ref}", limit=1):
+            for task_id in tx.referrers("Task", "focus", referral_ref, limit=1):
                 task = tx.current_content("Task", task_id)
                 if task is not None and workflow.add_input(task, "appointment", "预约",
                                                            f"Appointment/{event.resource_id}"):
