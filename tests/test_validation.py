@@ -267,3 +267,81 @@ def test_official_examples_conform(examples_dir: Path) -> None:
         print(f"  FAIL {name}: {len(issues)} issue(s), e.g. {issues[0].diagnostics}")
     assert len(types) >= 120
     assert passed / checked >= 0.98, f"only {passed}/{checked} official examples pass"
+
+
+# -- the walk alone decides: it accepts nothing pydantic refuses -------------------------------------
+
+def _leaves(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any]]:
+    found = []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        found.append(((*path, key), value))
+        found += _leaves(value, (*path, key))
+    return found
+
+
+def _mutations(value: Any) -> list[Any]:
+    """Plausible client mistakes for a JSON value (each one pydantic or the walk may refuse)."""
+    found: list[Any] = [None]
+    if isinstance(value, bool):
+        found.append(str(value).lower())
+    elif isinstance(value, int):
+        found += [value + 0.5, str(value), 10**20]
+    elif isinstance(value, float):
+        found += [str(value)]
+    elif isinstance(value, str):
+        found += [" " + value, value + " ", "", [value], {"bogus": 1}, 12, "a\tb\nc", "xx"]
+        if len(value) >= 10 and value[4:5] == "-":
+            found += ["2023-02-30", "2020-13-01T10:00:00Z", "2020-01-01T25:00:00+08:00", value[:10] + "T10:00"]
+    elif isinstance(value, dict):
+        found += [[value], "text"]
+    elif isinstance(value, list) and value:
+        found += [value[0], []]
+    return found
+
+
+def test_the_walk_accepts_nothing_pydantic_refuses(examples_dir: Path) -> None:
+    """Differential check over mutated official examples: the fast path (the walk alone) and
+    the cross-check (pydantic as well) must agree on every accept/refuse decision."""
+    import random
+
+    rng = random.Random(20261122)
+    paths = sorted(p for p in examples_dir.glob("*.json") if p.name not in ("package.json", ".index.json"))
+    compared, disagreements = 0, []
+    for path in rng.sample(paths, 250):
+        resource = orjson.loads(path.read_bytes())
+        leaves = [(p, v) for p, v in _leaves(resource) if p[0] != "resourceType"]
+        for _ in range(4):
+            where, value = rng.choice(leaves)
+            mutated = copy.deepcopy(resource)
+            target = mutated
+            for key in where[:-1]:
+                target = target[key]
+            target[where[-1]] = rng.choice(_mutations(value))
+            fast = bool(validate_resource(copy.deepcopy(mutated)))
+            thorough = bool(validate_resource(copy.deepcopy(mutated), cross_check=True))
+            compared += 1
+            if fast != thorough:
+                disagreements.append(f"{path.name} {where}: {target[where[-1]]!r:.60} fast={fast} pydantic={thorough}")
+    assert compared >= 900
+    assert disagreements == []
+
+
+@pytest.mark.parametrize(("field", "value", "where"), [
+    ("birthDate", "2023-02-30", "Patient.birthDate"),
+    ("multipleBirthInteger", 10**10, "Patient.multipleBirth"),
+])
+def test_values_the_regex_admits_but_r4_does_not(field: str, value: Any, where: str) -> None:
+    """The walk refuses them itself (it alone decides for valid-looking resources)."""
+    issue = only_issue(patient(**{field: value}))
+    assert issue.expression[0].startswith(where)
+
+
+def test_a_coding_system_that_is_not_a_string_is_refused_not_a_crash() -> None:
+    bad = patient(maritalStatus={"coding": [{"system": ["http://x"], "code": "M"}]})
+    assert validate_resource(bad)  # was TypeError (unhashable list) inside the binding check: a 500
+
+
+def test_base64_must_decode() -> None:
+    assert validate_resource({"resourceType": "Binary", "contentType": "text/plain", "data": "xx"})
+    assert not validate_resource({"resourceType": "Binary", "contentType": "text/plain", "data": "eHg="})

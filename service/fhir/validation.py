@@ -1,17 +1,19 @@
 """Validation of every resource the server writes (create, update, transaction, ``$validate``).
 
-Two layers, because neither alone is enough:
+A walk over the resource's JSON, guided by tables derived from the official R4 definitions
+(``definitions/*.json``, see ``definitions/derive_validation.py``), checks structure (unknown
+elements, cardinality, choice exclusivity, JSON value kinds — ``"active": "yes"`` is refused,
+not coerced — primitive formats and ranges, existing calendar days, base64), required code
+bindings, Reference target types, ``null`` and empty arrays/objects.
 
-1. ``fhir.resources.R4B`` (pydantic) checks structure and primitive formats. Its errors are
-   turned into OperationOutcome issues with FHIRPath locations.
-2. A walk over the resource's JSON, guided by tables derived from the official R4 definitions
-   (``definitions/*.json``, see ``definitions/derive_validation.py``), checks what pydantic does
-   not: required code bindings, Reference target types, JSON value kinds (``"active": "yes"`` is
-   coerced by pydantic, not rejected), ``null`` and empty arrays/objects.
-
-A few R4 resource types have no faithful R4B model (the MedicinalProduct* family, Evidence, ...;
-``r4bIncompatible`` in elements.json). For those, and for any resource containing one, the walk
-also does the structural checks itself ("full" mode) from the R4 tables.
+A resource the walk refuses also goes through ``fhir.resources.R4B`` (pydantic), whose
+messages lead for the structural problems both find (they name pydantic's view of the
+element); the walk adds what pydantic does not check. A resource the walk accepts skips
+pydantic, which costs several times the walk: the tests validate thousands of mutated
+official examples both ways (``cross_check``) to show the walk accepts nothing pydantic
+refuses. A few R4 types have no faithful R4B model (the MedicinalProduct* family, Evidence,
+...; ``r4bIncompatible`` in elements.json): for those, and any resource containing one, the
+walk's issues are the answer.
 
 The tables are loaded once, lazily, and compiled per type on first use; the walk visits only
 what is present in the resource. Expressions use FHIRPath with indices and ``ofType()`` for
@@ -20,10 +22,14 @@ choice elements: ``Patient.contact[0].gender``, ``Observation.value.ofType(Quant
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import re
 import threading
 from collections.abc import Iterable, Iterator
+from datetime import date
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -224,26 +230,31 @@ def check_known_type(resource_type: str) -> bool:
     return resource_type in _schema().resource_types
 
 
-def validate_resource(resource: dict[str, Any], *, expected_type: str | None = None) -> list[Issue]:
+def validate_resource(resource: dict[str, Any], *, expected_type: str | None = None,
+                      cross_check: bool = False) -> list[Issue]:
     """Validate one resource against FHIR R4; return one error Issue per problem, [] if valid.
 
     ``expected_type`` is the type the request's URL names; a body of another type is an error.
+
+    The walk alone decides (in "full" mode it makes every structural check pydantic makes, at
+    a fraction of the cost); only a resource it refuses also goes through R4B's pydantic model,
+    whose messages then lead. ``cross_check`` runs pydantic on accepted resources too: the
+    tests use it to show that the walk accepts nothing pydantic refuses.
     """
     schema = _schema()
     issues = _check_resource_type(resource, expected_type, schema)
     if issues:
         return issues
     resource_type = resource["resourceType"]
-    model = None if resource_type in schema.r4b_incompatible else _r4b_model(resource_type)
-    walker = _Walker(schema, full=model is None)
+    walker = _Walker(schema, full=True)
     walker.walk_resource(resource, resource_type)
-    if walker.full:
+    if not walker.issues and not cross_check:
+        return []
+    model = None if resource_type in schema.r4b_incompatible else _r4b_model(resource_type)
+    if model is None or walker.needs_full:
         return walker.issues
-    if walker.needs_full:
-        # It contains a resource R4B cannot model, so R4B would fail on it: the walk does it all.
-        walker = _Walker(schema, full=True)
-        walker.walk_resource(resource, resource_type)
-        return walker.issues
+    walker = _Walker(schema, full=False)
+    walker.walk_resource(resource, resource_type)
     found = _pydantic_issues(model, resource, schema)
     return found + walker.without_duplicates_of(found)
 
@@ -428,6 +439,14 @@ class _Walker:
     def check_format(self, primitive: _Primitive, value: Any, expression: str) -> None:
         if primitive.pattern is not None and not primitive.pattern.fullmatch(value):
             self.error(VALUE, expression, f"{_short(value)} is not a valid {primitive.name}")
+        elif primitive.name in _CALENDAR_TYPES and not _is_calendar_date(value):
+            self.error(VALUE, expression, f"{_short(value)} is not a valid {primitive.name}: no such day")
+        elif primitive.name == "base64Binary" and not _is_base64(value):
+            self.error(VALUE, expression, "not valid base64 (RFC 4648: groups of four characters)")
+        elif primitive.kind == "decimal" and not math.isfinite(value):
+            self.error(VALUE, expression, f"{value} is not a valid decimal")
+        elif primitive.kind == "integer" and not _INT32_MIN <= value <= _INT32_MAX:
+            self.error(VALUE, expression, f"{value} is out of the range of a FHIR {primitive.name} (32 bits)")
         elif primitive.name == "positiveInt" and value < 1 or primitive.name == "unsignedInt" and value < 0:
             self.error(VALUE, expression, f"{value} is not a valid {primitive.name}")
 
@@ -445,7 +464,8 @@ class _Walker:
         for coding, where in codings:
             if not isinstance(coding, dict):
                 continue
-            codes = value_set.by_system.get(coding.get("system"))  # type: ignore[arg-type]
+            system = coding.get("system")
+            codes = value_set.by_system.get(system) if isinstance(system, str) else None
             code = coding.get("code")
             if codes is not None and isinstance(code, str) and code not in codes:
                 self.error(CODE_INVALID, f"{where}.code", f"{_short(code)} of system {coding['system']} is not "
@@ -460,6 +480,32 @@ class _Walker:
                 allowed = " | ".join(sorted(targets))
                 self.error(STRUCTURE, f"{expression}.{where}", f"refers to a resource of type {found}, "
                            f"but {slot.path} may refer only to {allowed}")
+
+
+_CALENDAR_TYPES = frozenset({"date", "dateTime", "instant"})
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _is_calendar_date(value: str) -> bool:
+    """The regex admits 2023-02-30; a full date must also exist (partial dates always do)."""
+    if len(value) < 10:
+        return True
+    try:
+        date.fromisoformat(value[:10])
+    except ValueError:
+        return False
+    return True
+
+
+def _is_base64(value: str) -> bool:
+    try:
+        base64.b64decode(_WHITESPACE.sub("", value), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+_WHITESPACE = re.compile(r"\s+")
 
 
 def _referenced_types(reference: dict[str, Any], known: frozenset[str]) -> Iterator[tuple[str, str]]:
