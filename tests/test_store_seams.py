@@ -184,3 +184,38 @@ def test_referrers_finds_what_points_at_a_resource_whoever_may_see_it(engine: sa
         assert sorted(tx.referrers("Task", "focus", target)) == sorted([relative, absolute])
         assert tx.referrers("Task", "focus", target, limit=1) == [min(relative, absolute)]
         assert tx.referrers("Task", "based-on", target) == []
+
+
+def test_two_puts_to_the_same_new_id_one_creates_the_other_updates(engine: sa.Engine) -> None:
+    """Both looked before either committed: the second waits for the first, then finds the
+    id taken and becomes an update (version 2). It once failed on the unique version key (a
+    500) on PostgreSQL; SQLite's serial write transactions make it wait at BEGIN instead."""
+    import threading
+    import time
+
+    store = ResourceStore(engine)
+    system = AccessContext.internal()
+    pid = uuid4().hex
+    outcome: dict[str, object] = {}
+
+    def second() -> None:
+        try:
+            outcome["result"] = store.update(system, "Patient", pid, {"resourceType": "Patient", "id": pid,
+                                                                      "name": [{"family": "后到"}]})
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            outcome["error"] = exc
+
+    with store.write(system) as tx:
+        created = tx.update("Patient", pid, {"resourceType": "Patient", "id": pid, "name": [{"family": "先到"}]})
+        assert created.created
+        racer = threading.Thread(target=second)
+        racer.start()
+        time.sleep(0.5)  # the second PUT is now waiting on this uncommitted create
+    racer.join(timeout=30)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.resource.version_id == 2 and not result.created  # type: ignore[attr-defined]
+    assert store.read(system, "Patient", pid).as_dict()["name"][0]["family"] == "后到"
+    version = tables.ResourceVersion.__table__
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(version.c.id == pid)).scalar_one() == 2

@@ -56,8 +56,9 @@ def _index_columns(table: sa.Table) -> tuple[sa.Column, ...]:
     return tuple(c for c in table.columns if c.name != "pk")
 
 
-def _insert_index_rows(table: sa.Table, document: str) -> str:
-    """INSERT the rows under ``document -> '<attribute>'`` (owner columns included) into ``table``."""
+def _insert_index_rows(table: sa.Table, document: str, where: str = "") -> str:
+    """INSERT the rows under ``document -> '<attribute>'`` (owner columns included) into ``table``,
+    those satisfying ``where`` (on the record ``x``) when given."""
     columns = _index_columns(table)
     names = ", ".join(c.name for c in columns)
     values = ", ".join(f"coalesce(x.{c.name}, {_NOT_NULL_DEFAULTS[c.name]})" if c.name in _NOT_NULL_DEFAULTS
@@ -65,11 +66,11 @@ def _insert_index_rows(table: sa.Table, document: str) -> str:
     record = ", ".join(f"{c.name} {_sql_type(c)}" for c in columns)
     attribute = next(a for a, t in INDEX_TARGETS if t is table)
     return (f"INSERT INTO {table.name} ({names}) SELECT {values} "
-            f"FROM jsonb_to_recordset({document} -> '{attribute}') AS x({record})")
+            f"FROM jsonb_to_recordset({document} -> '{attribute}') AS x({record})" + (f" WHERE {where}" if where else ""))
 
 
-def _index_ctes(document: str) -> list[str]:
-    return [f"i{n} AS ({_insert_index_rows(table, document)})" for n, (_, table) in enumerate(INDEX_TARGETS)]
+def _index_ctes(document: str, where: str = "") -> list[str]:
+    return [f"i{n} AS ({_insert_index_rows(table, document, where)})" for n, (_, table) in enumerate(INDEX_TARGETS)]
 
 
 #: Create: versions (1), pointers and index rows of many resources. $1 the versions as a JSON
@@ -82,6 +83,20 @@ CREATE_SQL = (
     "SELECT resource_type, id, 1, seq, seq, $2, false FROM v), "
     + ", ".join(_index_ctes("$3::jsonb"))
     + " SELECT resource_type, id, seq FROM v"
+)
+
+#: Create unless the id is taken meanwhile (PUT to a new id): as CREATE_SQL for one resource,
+#: but nothing is written when another transaction has created the id since this one looked
+#: (ON CONFLICT waits for that transaction, then does nothing). Answers its seq, or no row.
+CREATE_IF_ABSENT_SQL = (
+    "WITH v AS (INSERT INTO resource_version (resource_type, id, version_id, last_updated, method, deleted, content) "
+    "SELECT x.t, x.i, 1, $2, x.m, false, x.c FROM jsonb_to_recordset($1::jsonb) AS x(t text, i text, m text, c jsonb) "
+    "ON CONFLICT (resource_type, id, version_id) DO NOTHING RETURNING resource_type, id, seq), "
+    "p AS (INSERT INTO resource (resource_type, id, version_id, seq, created_seq, last_updated, deleted) "
+    "SELECT resource_type, id, 1, seq, seq, $2, false FROM v ON CONFLICT DO NOTHING RETURNING resource_type, id), "
+    + ", ".join(_index_ctes("$3::jsonb", "EXISTS (SELECT 1 FROM p WHERE p.resource_type = x.resource_type "
+                                          "AND p.id = x.resource_id)"))
+    + " SELECT v.seq, p.id IS NOT NULL FROM v LEFT JOIN p USING (resource_type, id)"
 )
 
 #: Update: a new version of one resource whose pointer is at version $7 (the caller holds its
@@ -116,6 +131,20 @@ def create(conn: sa.Connection, versions: Sequence[NewVersion], last_updated: da
     rows = execute_prepared(conn, CREATE_SQL, (versions_document(versions).decode(), last_updated,
                                                index_document(index_rows)))
     return {(t, i): seq for t, i, seq in rows}
+
+
+def create_if_absent(conn: sa.Connection, version: NewVersion, last_updated: datetime,
+                     index_rows: dict[str, list[dict[str, Any]]]) -> int | None:
+    """Version 1 of a resource at an id the caller chose: its seq, or None (and nothing
+    written) when another transaction created that id first."""
+    rows = execute_prepared(conn, CREATE_IF_ABSENT_SQL, (
+        versions_document([version]).decode(), last_updated, index_document(index_rows)))
+    if not rows:
+        return None
+    [(seq, inserted)] = rows
+    if not inserted:  # a version 1 without its pointer: cannot happen, every create writes both
+        raise RuntimeError(f"{version.resource_type}/{version.id} has a pointer but no version 1")
+    return seq
 
 
 def update(conn: sa.Connection, version: NewVersion, *, version_id: int, expected_version: int,

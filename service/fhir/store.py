@@ -23,7 +23,6 @@ from uuid import uuid4
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from service.fhir import pg_writes, tables
@@ -327,12 +326,9 @@ class StoreTransaction:
         previous = None if current is None or current[1] else self.current_content(resource_type, resource_id)
         event = self._before_write(resource_type, resource_id, method, resource, previous)
         if current is None:
-            stored = self._write_version(resource, resource_type, resource_id, version_id=1, method=method)
-            if not self._insert_pointer(stored, on_conflict_ignore=True):
-                # Another transaction created the same id after our check: update it instead.
-                self.conn.execute(V.delete().where(V.c.seq == stored.seq))
+            stored = self._store_new_if_absent(resource, resource_type, resource_id, method=method)
+            if stored is None:  # another transaction created the same id after our check: update it
                 return self.update(resource_type, resource_id, resource, if_match=if_match, method=method)
-            self._index(resource_type, resource_id, resource, replace=False)
             self._after_write(event)
             return WriteResult(stored, created=True)
         stored = self._store_next(resource, resource_type, resource_id, expected_version=current[0], method=method)
@@ -423,6 +419,23 @@ class StoreTransaction:
         self._insert_index_rows([(s.resource_type, s.id, r) for s, (r, _) in zip(stored, items)])
         return stored
 
+    def _store_new_if_absent(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
+                             method: str) -> StoredResource | None:
+        """Version 1 of a resource at an id the caller chose (PUT); None, and nothing written,
+        when another transaction created the id since this one looked (PostgreSQL; SQLite
+        write transactions are serial, so there it cannot happen)."""
+        now = self.clock()
+        self._stamp(resource, resource_id, 1, now)
+        if not self._postgres:
+            stored = self._write_version(resource, resource_type, resource_id, version_id=1, method=method, now=now)
+            self._insert_pointer(stored)
+            self._index(resource_type, resource_id, resource, replace=False)
+            return stored
+        content = orjson.dumps(resource)
+        seq = pg_writes.create_if_absent(self.conn, pg_writes.NewVersion(resource_type, resource_id, method, content),
+                                         now, _index_batches([(resource_type, resource_id, resource)]))
+        return None if seq is None else StoredResource(resource_type, resource_id, 1, now, content, seq)
+
     def _store_next(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
                     expected_version: int, method: str) -> StoredResource:
         """The next version of a resource whose row this transaction has locked: version,
@@ -462,16 +475,11 @@ class StoreTransaction:
              "last_updated": now, "method": method, "deleted": content is None, "content": content},
         ).scalar_one()
 
-    def _insert_pointer(self, stored: StoredResource, *, on_conflict_ignore: bool = False) -> bool:
-        values = {"resource_type": stored.resource_type, "id": stored.id, "version_id": stored.version_id,
-                  "seq": stored.seq, "created_seq": stored.seq, "last_updated": stored.last_updated,
-                  "deleted": False}
-        if not on_conflict_ignore:
-            self.conn.execute(R.insert(), values)
-            return True
-        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        inserted = self.conn.execute(dialect_insert(R).values(**values).on_conflict_do_nothing().returning(R.c.id))
-        return inserted.first() is not None
+    def _insert_pointer(self, stored: StoredResource) -> None:
+        self.conn.execute(R.insert(), {"resource_type": stored.resource_type, "id": stored.id,
+                                       "version_id": stored.version_id, "seq": stored.seq,
+                                       "created_seq": stored.seq, "last_updated": stored.last_updated,
+                                       "deleted": False})
 
     def _move_pointer(self, stored: StoredResource, *, expected_version: int, deleted: bool) -> None:
         result = self.conn.execute(
