@@ -127,9 +127,12 @@ def get_row(conn: sa.Connection, ref: str) -> Row | None:
     return None if found is None else _row(found)
 
 
+_INSERT_EVENT = EVENTS.insert()
+
+
 def record(tx: StoreTransaction, ref: str, event: str, *, pool: str | None, row: Row | None = None,
            appointment_id: str | None = None, actor: str | None = None, day: date | None = None) -> None:
-    tx.conn.execute(EVENTS.insert().values(
+    tx.conn.execute(_INSERT_EVENT, dict(
         ref=ref, event=event, at=tx.clock(), pool=pool, appointment_id=appointment_id, actor=actor,
         organization=row.organization if row else None, department=row.department if row else None,
         day=day or (row.day if row else None) or china_day(tx.clock())))
@@ -171,14 +174,17 @@ def locked_row(tx: StoreTransaction, ref: str) -> Row | None:
     """The unit's row, its resource row locked first (one statement: ``FOR UPDATE OF resource``;
     SQLite write transactions are serial anyway). None when either is missing."""
     resource_type, resource_id = split_ref(ref)
-    query = (sa.select(*_ROW_COLUMNS)
-             .select_from(SLOTS.join(RESOURCES, sa.and_(RESOURCES.c.resource_type == resource_type,
-                                                        RESOURCES.c.id == resource_id)))
-             .where(SLOTS.c.ref == ref))
-    if tx.conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=RESOURCES)
-    found = tx.conn.execute(query).first()
+    query = _LOCKED_ROW_PG if tx.conn.dialect.name == "postgresql" else _LOCKED_ROW
+    found = tx.conn.execute(query, {"t": resource_type, "i": resource_id, "ref": ref}).first()
     return None if found is None else _row(found)
+
+
+# Built once: constructing a statement costs more than running it.
+_LOCKED_ROW = (sa.select(*_ROW_COLUMNS)
+               .select_from(SLOTS.join(RESOURCES, sa.and_(RESOURCES.c.resource_type == sa.bindparam("t"),
+                                                          RESOURCES.c.id == sa.bindparam("i"))))
+               .where(SLOTS.c.ref == sa.bindparam("ref")))
+_LOCKED_ROW_PG = _LOCKED_ROW.with_for_update(of=RESOURCES)
 
 
 # -- re-balancing a schedule-day (or a ward) ------------------------------------------------

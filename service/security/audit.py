@@ -320,6 +320,8 @@ def record_configuration_change(conn: sa.Connection, ctx: AccessContext, *, what
     queue_records(conn, now, [event])
 
 
+_DELETE_QUEUED_SQL = f"DELETE FROM {QUEUE.name} WHERE seq = ANY($1::bigint[])"
+
 #: PostgreSQL: queue records in one prepared statement ($2: a JSON array of resources).
 _QUEUE_SQL = f"INSERT INTO {QUEUE.name} (queued_at, resource) SELECT $1, r FROM jsonb_array_elements($2::jsonb) AS r"
 
@@ -475,7 +477,11 @@ def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | Non
             if not rows:
                 break
             tx.create_many([(dict(record), uuid4().hex) for _, record in rows])
-            tx.conn.execute(QUEUE.delete().where(QUEUE.c.seq.in_([seq for seq, _ in rows])))
+            seqs = [seq for seq, _ in rows]
+            if is_postgres(tx.conn):  # one array parameter, not 200 placeholders to convert
+                execute_prepared(tx.conn, _DELETE_QUEUED_SQL, (seqs,))
+            else:
+                tx.conn.execute(QUEUE.delete().where(QUEUE.c.seq.in_(seqs)))
         total += len(rows)
         batches += 1
     return total
