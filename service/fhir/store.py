@@ -459,10 +459,8 @@ class StoreTransaction:
         return stored
 
     def _write_version(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
-                       version_id: int, method: str, now: datetime | None = None) -> StoredResource:
-        if now is None:
-            now = self.clock()
-            self._stamp(resource, resource_id, version_id, now)
+                       version_id: int, method: str, now: datetime) -> StoredResource:
+        """SQLite: the version row of a resource :meth:`_stamp` has prepared."""
         seq = self._insert_version(resource_type, resource_id, version_id, now, method, resource)
         return StoredResource(resource_type, resource_id, version_id, now, orjson.dumps(resource), seq)
 
