@@ -290,16 +290,15 @@ class _TransactionRecords:
         group.patients.update(dict.fromkeys(patients))
 
     def __call__(self) -> None:
-        rows = []
+        records: list[dict[str, Any]] = []
         for (ctx, method), group in self.groups.items():
             subtype = _WRITE_SUBTYPE[method]
             entities = [resource_entity(t) for t in group.targets] + [patient_entity(p) for p in group.patients]
             audit = audit_event(subtype=subtype, action=ACTIONS[subtype], status=200, ctx=ctx, entities=entities,
                                 recorded=self.recorded, address=self.address)
             lineage = provenance(targets=group.targets, activity=_ACTIVITY[method], ctx=ctx, recorded=self.recorded)
-            rows += [{"queued_at": self.recorded, "resource": audit}, {"queued_at": self.recorded, "resource": lineage}]
-        if rows:
-            queue_records(self.conn, self.recorded, [row["resource"] for row in rows])
+            records += [audit, lineage]
+        queue_records(self.conn, self.recorded, records)
 
 
 @dataclass
@@ -320,10 +319,10 @@ def record_configuration_change(conn: sa.Connection, ctx: AccessContext, *, what
     queue_records(conn, now, [event])
 
 
-_DELETE_QUEUED_SQL = f"DELETE FROM {QUEUE.name} WHERE seq = ANY($1::bigint[])"
-
-#: PostgreSQL: queue records in one prepared statement ($2: a JSON array of resources).
+#: PostgreSQL: queue records in one prepared statement ($2: a JSON array of resources) ...
 _QUEUE_SQL = f"INSERT INTO {QUEUE.name} (queued_at, resource) SELECT $1, r FROM jsonb_array_elements($2::jsonb) AS r"
+#: ... and remove a drained batch with one array parameter.
+_DELETE_QUEUED_SQL = f"DELETE FROM {QUEUE.name} WHERE seq = ANY($1::bigint[])"
 
 
 def queue_records(conn: sa.Connection, queued_at: datetime, records: list[dict[str, Any]]) -> None:
