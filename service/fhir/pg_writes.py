@@ -2,8 +2,8 @@
 
 Through SQLAlchemy a create cost five statements (version, pointer, index rows ...) and as
 many round trips, each compiled, converted and adapted in Python. Here a create of one or
-many resources is *one* statement, an update another: version rows, pointers and index rows
-together, as data-modifying CTEs. Each statement's text never changes, so psycopg sends it as
+many resources is *one* statement, an update another (a deletion's index rows a third):
+version rows, pointers and index rows together, as data-modifying CTEs. Each statement's text never changes, so psycopg sends it as
 a prepared statement (parsed once per connection; PostgreSQL still re-plans it at each bind,
 ~0.3 ms, as long as it judges custom plans cheaper) and its placeholders are PostgreSQL's own
 (``$1``: a raw cursor, nothing to parse in Python). The rows travel as JSON
@@ -74,6 +74,12 @@ def _index_ctes(document: str, where: str = "") -> list[str]:
     return [f"i{n} AS ({_insert_index_rows(table, document, where)})" for n, (_, table) in enumerate(INDEX_TARGETS)]
 
 
+def _delete_ctes(owned: str) -> list[str]:
+    """DELETE the index rows of type $1 whose ``resource_id`` satisfies ``owned``, every table."""
+    return [f"d{n} AS (DELETE FROM {table.name} WHERE resource_type = $1 AND {owned})"
+            for n, (_, table) in enumerate(INDEX_TARGETS)]
+
+
 #: Create: versions (1), pointers and index rows of many resources. $1 the versions as a JSON
 #: array of {t, i, m, c}, $2 their lastUpdated, $3 the index rows as {tokens: [...], ...}.
 CREATE_SQL = (
@@ -108,11 +114,14 @@ UPDATE_SQL = (
     "VALUES ($1, $2, $3, $4, $5, false, $6::jsonb) RETURNING seq), "
     "p AS (UPDATE resource SET version_id = $3, seq = v.seq, last_updated = $4, deleted = false FROM v "
     "WHERE resource.resource_type = $1 AND resource.id = $2 AND resource.version_id = $7 RETURNING 1), "
-    + ", ".join(f"d{n} AS (DELETE FROM {table.name} WHERE resource_type = $1 AND resource_id = $2)"
-                for n, (_, table) in enumerate(INDEX_TARGETS))
+    + ", ".join(_delete_ctes("resource_id = $2"))
     + ", " + ", ".join(_index_ctes("$8::jsonb"))
     + " SELECT (SELECT seq FROM v), (SELECT count(*) FROM p)"
 )
+
+
+#: Deletion: the index rows of resources $2 (ids) of type $1, from every table at once.
+CLEAR_INDEX_SQL = "WITH " + ", ".join(_delete_ctes("resource_id = ANY($2::text[])")) + " SELECT 1"
 
 
 def versions_document(versions: Iterable[NewVersion]) -> bytes:
@@ -156,3 +165,7 @@ def update(conn: sa.Connection, version: NewVersion, *, version_id: int, expecte
         version.resource_type, version.id, version_id, last_updated, version.method, version.content.decode(),
         expected_version, index_document(index_rows)))
     return seq, moved == 1
+
+
+def clear_index(conn: sa.Connection, resource_type: str, resource_ids: list[str]) -> None:
+    execute_prepared(conn, CLEAR_INDEX_SQL, (resource_type, resource_ids))

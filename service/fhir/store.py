@@ -505,9 +505,7 @@ class StoreTransaction:
 
     def _clear_index(self, resource_type: str, resource_ids: list[str]) -> None:
         if self._postgres:
-            # one statement (one round trip) for all index tables, as the inserts
-            with self.conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-                cursor.execute(_CLEAR_INDEX_SQL, {"t": resource_type, "ids": resource_ids})
+            pg_writes.clear_index(self.conn, resource_type, resource_ids)
             return
         for _, table in _INDEX_TARGETS:
             self.conn.execute(
@@ -531,13 +529,6 @@ def _index_batches(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> dict
             batches[attribute].extend({"resource_type": resource_type, "resource_id": resource_id, **entry}
                                       for entry in getattr(rows, attribute))
     return batches
-
-
-#: PostgreSQL: the index rows of some resources of one type, deleted from every index table.
-_CLEAR_INDEX_SQL = "WITH " + ", ".join(
-    f"d{i} AS (DELETE FROM {table.name} WHERE resource_type = %(t)s AND resource_id = ANY(%(ids)s))"
-    for i, (_, table) in enumerate(_INDEX_TARGETS[:-1])
-) + f" DELETE FROM {_INDEX_TARGETS[-1][1].name} WHERE resource_type = %(t)s AND resource_id = ANY(%(ids)s)"
 
 
 def _require_type(resource: dict[str, Any]) -> str:
