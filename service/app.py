@@ -14,6 +14,7 @@ from service.api import referral as referral_api
 from service.capacity import install as install_capacity
 from service.referral import install as install_referral
 from service.api.deps import access_context
+from service.api.fastpath import FastPath
 from service.config import Settings, get_settings
 from service.fhir.db import create_engine
 from service.fhir.hooks import WriteHooks
@@ -40,6 +41,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.engine = engine
     hooks = WriteHooks()
     app.state.store = ResourceStore(engine, clock=clock, hooks=hooks, policy=build_policy(settings))
+    # Innermost middleware first: the fast path answers inside the privacy middleware.
+    app.add_middleware(FastPath)  # read, search and create without FastAPI's router (service/api/fastpath.py)
     install_boundaries(app, hooks)  # resident IDs, audit trail, masking (service/security/boundaries_install.py)
     errors.install(app)
     # Security first: /fhir/.well-known/smart-configuration before /fhir/{resource_type}.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from uuid import uuid4
 
 import orjson
@@ -68,10 +69,30 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return outcome_response(500, [Issue("fatal", "exception", f"internal error; quote reference {reference}")])
 
 
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+# The answers to the errors we expect. Anything else is a bug: ``_unexpected`` answers 500,
+# from Starlette's outermost middleware, after the exception has gone up through the audit.
+_HANDLERS: dict[type[Exception], Handler] = {
+    FhirError: _fhir_error,
+    StarletteHTTPException: _http_error,
+    RequestValidationError: _validation_error,
+    sqlalchemy.exc.OperationalError: _database_unavailable,
+    sqlalchemy.exc.TimeoutError: _database_unavailable,  # no pooled connection free
+}
+
+
+def handler_for(exc: Exception) -> Handler | None:
+    """The handler ``install`` registered for ``exc`` (Starlette's lookup: nearest class in the
+    MRO), or None for an unexpected error; for callers that answer outside FastAPI's router
+    (``service.api.fastpath``)."""
+    for cls in type(exc).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    return None
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(FhirError, _fhir_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_unavailable)
-    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _database_unavailable)  # no pooled connection free
+    for cls, handler in _HANDLERS.items():
+        app.add_exception_handler(cls, handler)
     app.add_exception_handler(Exception, _unexpected)
