@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from service.fhir import pg_writes, tables
 from service.fhir.access import AccessContext
-from service.fhir.db import is_postgres, read_transaction, write_transaction
+from service.fhir.db import execute_prepared, is_postgres, read_transaction, write_transaction
 from service.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable
 from service.fhir.hooks import AccessPolicy, OpenPolicy, WriteEvent, WriteHooks
 from service.fhir.indexing import IndexRows, index_resource
@@ -102,6 +102,14 @@ def _json_text(column: sa.ColumnElement) -> sa.ColumnElement:
 _CURRENT_VERSION = sa.select(R.c.version_id, R.c.deleted).where(
     R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i"))
 _CURRENT_VERSION_FOR_UPDATE = _CURRENT_VERSION.with_for_update()
+_READ = (sa.select(R.c.version_id, R.c.last_updated, R.c.seq, _json_text(V.c.content))
+         .select_from(R.join(V, V.c.seq == R.c.seq))
+         .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
+# The same read on PostgreSQL for a caller without a boundary, as a prepared statement: the
+# commonest request of all (HIS integrations act for the whole alliance), and through
+# SQLAlchemy its compilation and parameter handling cost more than PostgreSQL's work.
+_READ_PG = ("SELECT r.version_id, r.last_updated, r.seq, v.content::text FROM resource r"
+            " JOIN resource_version v ON v.seq = r.seq WHERE r.resource_type = $1 AND r.id = $2")
 _CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
                     .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
 
@@ -193,12 +201,13 @@ class StoreTransaction:
 
     def read(self, resource_type: str, resource_id: str) -> StoredResource:
         self.authorize("read", resource_type)
-        row = self.conn.execute(
-            sa.select(R.c.version_id, R.c.last_updated, R.c.seq, _json_text(V.c.content))
-            .select_from(R.join(V, V.c.seq == R.c.seq))
-            .where(R.c.resource_type == resource_type, R.c.id == resource_id,
-                   self.visible(resource_type, R.c.resource_type, R.c.id))
-        ).first()
+        boundary = None if self.ctx.system else self.policy.visible(self.ctx, resource_type, R.c.resource_type, R.c.id)
+        if boundary is None and self._postgres:
+            rows = execute_prepared(self.conn, _READ_PG, (resource_type, resource_id))
+            row = rows[0] if rows else None
+        else:
+            query = _READ if boundary is None else _READ.where(boundary)
+            row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
         if row is None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
         stored = StoredResource(resource_type, resource_id, row[0], _utc(row[1]), _to_bytes(row[3]), row[2])
