@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     # opened per request costs a PostgreSQL process fork. Workers × 1.5 × this, plus other
     # clients, must stay below the server's max_connections (100 by default).
     database_pool_size: int = 20
+    # Requests whose synchronous part (database work) runs at once, per worker; unset: the pool size.
+    request_threads: int | None = None
     # Load the demo alliance the first time the server starts on an empty database.
     demo_data: bool = False
     # Authorization arrives with the security issue; until then every caller is anonymous.

@@ -50,3 +50,24 @@ def test_a_connection_used_a_moment_ago_is_not_pinged(monkeypatch: pytest.Monkey
         assert _backend(engine) > 0  # and the pool recovers at once
     finally:
         engine.dispose()
+
+
+
+@pytest.mark.parametrize("request_threads", [None, 5])
+async def test_requests_run_in_at_most_as_many_threads_as_pooled_connections(
+        request_threads: int | None, engine: sa.Engine, database_url: str) -> None:
+    """More request threads than pooled connections would open an overflow connection (a
+    PostgreSQL backend) per request under load; by default the limit is the pool's size."""
+    import anyio.to_thread
+
+    from service.app import create_app
+    from service.config import Settings
+
+    app = create_app(Settings(database_url=database_url, auth="off", request_threads=request_threads), engine=engine)
+    try:
+        async with app.router.lifespan_context(app):
+            limit = anyio.to_thread.current_default_thread_limiter().total_tokens
+            assert limit == (request_threads or engine.pool.size())  # type: ignore[attr-defined]
+            assert limit != 40  # anyio's default
+    finally:
+        app.state.audit_queue.close()
