@@ -194,14 +194,20 @@ class StoreTransaction:
     def visible(self, resource_type: str, type_col: sa.ColumnElement,
                 id_col: sa.ColumnElement) -> sa.ColumnElement:
         """The caller's visibility rule as a WHERE clause (true for internal callers)."""
-        clause = None if self.ctx.system else self.policy.visible(self.ctx, resource_type, type_col, id_col)
+        clause = self.boundary(resource_type, type_col, id_col)
         return sa.true() if clause is None else clause
+
+    def boundary(self, resource_type: str, type_col: sa.ColumnElement,
+                 id_col: sa.ColumnElement) -> sa.ColumnElement | None:
+        """The caller's visibility rule as a WHERE clause; None when it sees every resource of
+        the type (searches without a boundary can share statements, see search.shapes)."""
+        return None if self.ctx.system else self.policy.visible(self.ctx, resource_type, type_col, id_col)
 
     # -- reads ---------------------------------------------------------------------------
 
     def read(self, resource_type: str, resource_id: str) -> StoredResource:
         self.authorize("read", resource_type)
-        boundary = None if self.ctx.system else self.policy.visible(self.ctx, resource_type, R.c.resource_type, R.c.id)
+        boundary = self.boundary(resource_type, R.c.resource_type, R.c.id)
         if boundary is None and self._postgres:
             rows = execute_prepared(self.conn, _READ_PG, (resource_type, resource_id))
             row = rows[0] if rows else None
@@ -281,7 +287,7 @@ class StoreTransaction:
 
         # Only what the caller may see can match: a conditional create/update/delete or a
         # conditional reference never reveals, nor touches, a resource outside its boundary.
-        return find_matches(self.conn, resource_type, query, limit=limit, visible=self.visible)
+        return find_matches(self.conn, resource_type, query, limit=limit, visible=self.boundary)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -663,7 +669,7 @@ class ResourceStore:
         request = parse_search(resource_type, params, strict=strict)
         with self.read_only(ctx) as tx:
             tx.authorize("search", resource_type)
-            page = execute_search(tx.conn, request, visible=tx.visible)
+            page = execute_search(tx.conn, request, visible=tx.boundary)
         return searchset_bundle(page, base_url=base_url)
 
     def history(self, ctx: AccessContext, resource_type: str | None = None, resource_id: str | None = None, *,

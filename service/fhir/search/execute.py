@@ -11,13 +11,16 @@ all, as with any keyset pagination over live data.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import sqlalchemy as sa
 
 from service.fhir.errors import BadRequest, Issue
 from service.fhir.search import cursor as cursor_codec
+from service.fhir.search import shapes
 from service.fhir.search.dialect import Dialect
 from service.fhir.search.model import (
     ID_TYPE,
@@ -38,8 +41,9 @@ from service.fhir.search.sql import (
     order_by,
 )
 
-#: ``visible(resource_type, type_column, id_column)`` → extra WHERE condition (authorization).
-Visible = Callable[[str, sa.ColumnElement, sa.ColumnElement], sa.ColumnElement]
+#: ``visible(resource_type, type_column, id_column)`` → extra WHERE condition (authorization),
+#: None when the caller may see every resource of that type.
+Visible = Callable[[str, sa.ColumnElement, sa.ColumnElement], sa.ColumnElement | None]
 
 #: The highest change sequence: a first page's snapshot, read in its own query.
 _SNAPSHOT = sa.select(sa.func.max(VERSION.c.seq)).scalar_subquery().label("snapshot")
@@ -48,6 +52,27 @@ _SNAPSHOT = sa.select(sa.func.max(VERSION.c.seq)).scalar_subquery().label("snaps
 MAX_INCLUDE_ROUNDS = 4
 MAX_INCLUDES = 1000
 _CHUNK = 500  # ids per IN list: far below both databases' bound-parameter limits
+
+
+@dataclass
+class _Plan:
+    """The statements of one search, built from a request whose values may be bound
+    parameters (``shapes.template``), so that one plan serves every search of its shape."""
+
+    r: sa.FromClause
+    where: list[sa.ColumnElement]  # without the snapshot: totals add it
+    kinds: list[str]  # the sort keys' types, for the cursors
+    page: sa.Select | None  # None when only a count is asked for
+
+    def count(self, snapshot: int | None) -> sa.Select:
+        where = self.where if snapshot is None else [*self.where, self.r.c.created_seq <= snapshot]
+        return sa.select(sa.func.count()).select_from(self.r).where(*where)
+
+
+#: Plans of templated searches by shape (see ``shapes``); a few hundred shapes at most in
+#: practice, emptied if ever it grows past the bound.
+_PLANS: dict[Hashable, _Plan] = {}
+_MAX_PLANS = 1000
 
 
 def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visible | None = None) -> SearchPage:
@@ -60,54 +85,24 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
     # The first page reads the snapshot in its page query (no extra round trip): there it holds
     # for every row by construction. Later pages pin to the cursor's.
     snapshot: int | None = cursor.snapshot if cursor is not None else None
-
-    r = named_alias(RESOURCE, "r")
-    where = [*live(r, rt)]
-    if snapshot is not None:
-        where.append(r.c.created_seq <= snapshot)
-    where += [builder.condition(rt, r, clause) for clause in request.clauses]
-    if visible is not None:
-        where.append(visible(rt, r.c.resource_type, r.c.id))
+    plan, params = _plan_for(builder, request, visible)
 
     warnings = list(request.warnings)
     self_link = _query_string(request.link_params, cursor_codec.encode(cursor, fp) if cursor else None)
     page = SearchPage(rt, [], [], None, self_link, warnings=warnings, summary_count=request.summary_count,
                       summary=request.summary, elements=request.elements)
 
-    if request.summary_count or request.count == 0:
-        page.total = _count(conn, r, where)
+    if plan.page is None:
+        page.total = int(conn.execute(plan.count(snapshot), params).scalar_one())
         return page
 
-    # Sort keys, then id as the unique tiebreaker.
-    specs = list(request.sort)
-    keys: list[tuple[sa.ColumnElement, bool, bool]] = []  # (expression, descending, nullable)
-    for spec in specs:
-        expr, nullable = builder.sort_key(rt, r, spec)
-        keys.append((expr, spec.descending, nullable))
-    kinds = [s.type for s in specs]
-    if not any(s.type == ID_TYPE for s in specs):
-        keys.append((r.c.id, False, False))
-        kinds.append(ID_TYPE)
-    backward = cursor is not None and cursor.backward
-    after = cursor_codec.restore_key(cursor.key, kinds) if cursor is not None else None
-    page_rows = _page_rows(r, where, keys, after, backward, request.count + 1)
-    pg_keys = [(page_rows.c[f"k{i}"], descending, nullable) for i, (_, descending, nullable) in enumerate(keys)]
-    columns = [page_rows.c.rid, builder.dialect.json_text(VERSION.c.content), *(k for k, _, _ in pg_keys)]
-    if snapshot is None:
-        columns.append(_SNAPSHOT)
-    stmt = (
-        sa.select(*columns)
-        .select_from(page_rows.join(VERSION, VERSION.c.seq == page_rows.c.rseq))
-        .order_by(*order_by(pg_keys, backward))
-    )
-
-    rows = list(conn.execute(stmt))
+    rows = list(conn.execute(plan.page, params))
     if snapshot is None and rows:
         snapshot = int(rows[0][-1])
         rows = [row[:-1] for row in rows]
-        where.append(r.c.created_seq <= snapshot)  # totals count what the pages will show
     more = len(rows) > request.count
     rows = rows[: request.count]
+    backward = cursor is not None and cursor.backward
     if backward:
         rows.reverse()
     has_previous = more if backward else cursor is not None
@@ -124,8 +119,8 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
     if request.total != "none":
         if cursor is None and not more:
             page.total = len(rows)  # the whole result is on this first page
-        else:
-            page.total = _count(conn, r, where)
+        else:  # totals count what the pages will show: nothing created after the snapshot
+            page.total = int(conn.execute(plan.count(snapshot), params).scalar_one())
 
     if request.includes and page.matches:
         page.includes, truncated = _collect_includes(conn, builder, request.includes,
@@ -134,6 +129,61 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
             warnings.append(Issue("warning", "too-costly",
                                   f"More than {MAX_INCLUDES} resources to include; the rest were left out"))
     return page
+
+
+def _plan_for(builder: Builder, request: SearchRequest, visible: Visible | None) -> tuple[_Plan, dict[str, Any]]:
+    """The plan for ``request`` and the values to run it with: shared by every search of the
+    same shape when ``shapes.template`` can parametrise it, else built for this request."""
+    rt = request.resource_type
+    r = named_alias(RESOURCE, "r")
+    # The caller's boundary depends on the caller: a search under one is built for itself.
+    boundary = None if visible is None else visible(rt, r.c.resource_type, r.c.id)
+    templated = shapes.template(request) if boundary is None else None
+    if templated is None:
+        return _build_plan(builder, request, r, boundary), {}
+    shape, parametrised, params = templated
+    key = (shape, builder.dialect, builder.base_url)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _build_plan(builder, parametrised, r, None)
+    return plan, params
+
+
+def _build_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
+                boundary: sa.ColumnElement | None) -> _Plan:
+    rt, cursor = request.resource_type, request.cursor
+    where = [*live(r, rt)]
+    where += [builder.condition(rt, r, clause) for clause in request.clauses]
+    if boundary is not None:
+        where.append(boundary)
+    if request.summary_count or request.count == 0:
+        return _Plan(r, where, [], None)
+    page_where = where if cursor is None else [*where, r.c.created_seq <= cursor.snapshot]
+
+    # Sort keys, then id as the unique tiebreaker.
+    keys: list[tuple[sa.ColumnElement, bool, bool]] = []  # (expression, descending, nullable)
+    for spec in request.sort:
+        expr, nullable = builder.sort_key(rt, r, spec)
+        keys.append((expr, spec.descending, nullable))
+    kinds = [s.type for s in request.sort]
+    if not any(s.type == ID_TYPE for s in request.sort):
+        keys.append((r.c.id, False, False))
+        kinds.append(ID_TYPE)
+    backward = cursor is not None and cursor.backward
+    after = cursor_codec.restore_key(cursor.key, kinds) if cursor is not None else None
+    page_rows = _page_rows(r, page_where, keys, after, backward, request.count + 1)
+    pg_keys = [(page_rows.c[f"k{i}"], descending, nullable) for i, (_, descending, nullable) in enumerate(keys)]
+    columns = [page_rows.c.rid, builder.dialect.json_text(VERSION.c.content), *(k for k, _, _ in pg_keys)]
+    if cursor is None:
+        columns.append(_SNAPSHOT)
+    page = (
+        sa.select(*columns)
+        .select_from(page_rows.join(VERSION, VERSION.c.seq == page_rows.c.rseq))
+        .order_by(*order_by(pg_keys, backward))
+    )
+    return _Plan(r, where, kinds, page)
 
 
 def _page_rows(r: sa.FromClause, where: list[sa.ColumnElement], keys: list[tuple[sa.ColumnElement, bool, bool]],
@@ -160,10 +210,6 @@ def _page_rows(r: sa.FromClause, where: list[sa.ColumnElement], keys: list[tuple
     if after is not None:
         query = query.where(keyset_after(m_keys, after, backward))
     return query.order_by(*order_by(m_keys, backward)).limit(limit).subquery("pg")
-
-
-def _count(conn: sa.Connection, r: sa.FromClause, where: list[sa.ColumnElement]) -> int:
-    return int(conn.execute(sa.select(sa.func.count()).select_from(r).where(*where)).scalar_one())
 
 
 def _query_string(params: list[tuple[str, str]], cursor: str | None) -> str:
@@ -245,8 +291,9 @@ def _fetch(conn: sa.Connection, builder: Builder, keys: list[tuple[str, str]], v
                 .select_from(r.join(VERSION, VERSION.c.seq == r.c.seq))
                 .where(*live(r, resource_type), r.c.id.in_(chunk))
             )
-            if visible is not None:
-                query = query.where(visible(resource_type, r.c.resource_type, r.c.id))
+            boundary = None if visible is None else visible(resource_type, r.c.resource_type, r.c.id)
+            if boundary is not None:
+                query = query.where(boundary)
             for rid, text in conn.execute(query):
                 out[(resource_type, rid)] = text
     return out
@@ -284,8 +331,9 @@ def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: 
     builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
     r = named_alias(RESOURCE, "r")
     where = [*live(r, resource_type), *(builder.condition(resource_type, r, c) for c in request.clauses)]
-    if visible is not None:
-        where.append(visible(resource_type, r.c.resource_type, r.c.id))
+    boundary = None if visible is None else visible(resource_type, r.c.resource_type, r.c.id)
+    if boundary is not None:
+        where.append(boundary)
     stmt = (
         sa.select(r.c.id)
         .where(*where)

@@ -53,8 +53,9 @@ INDEX_BY_TYPE: dict[str, sa.Table] = {
 
 _MS = timedelta(milliseconds=1)
 
-#: ``visible(resource_type, type_column, id_column)`` → the caller's visibility as a WHERE clause.
-Visible = Callable[[str, sa.ColumnElement, sa.ColumnElement], sa.ColumnElement]
+#: ``visible(resource_type, type_column, id_column)`` → the caller's visibility as a WHERE clause,
+#: None when the caller may see every resource of that type.
+Visible = Callable[[str, sa.ColumnElement, sa.ColumnElement], sa.ColumnElement | None]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -89,7 +90,8 @@ class Builder:
         self._aliases = 0
 
     def _seen(self, resource_type: str, type_col: sa.ColumnElement, id_col: sa.ColumnElement) -> sa.ColumnElement:
-        return sa.true() if self.visible is None else self.visible(resource_type, type_col, id_col)
+        clause = None if self.visible is None else self.visible(resource_type, type_col, id_col)
+        return sa.true() if clause is None else clause
 
     def local(self, ref: sa.FromClause) -> sa.ColumnElement:
         """The reference row points into this server: relative, or absolute under our base.

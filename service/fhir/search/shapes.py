@@ -1,0 +1,88 @@
+"""Searches of one shape share one SQL statement; only their values change.
+
+Building a search's SQLAlchemy statement (and its cache key) cost more CPU than PostgreSQL
+spent running it: ``Patient?identifier=sys|A`` and ``Patient?identifier=sys|B`` built the same
+statement twice. :func:`template` splits a request into its *shape* — resource type,
+parameters, modifiers, which parts of each value are present, page size — and its values, and
+gives back the request with every value replaced by a bound parameter (``:p0``, ``:p1`` ...).
+The engine builds the statement from that once per shape and runs it with the values.
+
+Only values that the SQL layer compares as they are take part: tokens (``system|code``,
+``_id``) and local references (``subject=Patient/1``), plus ``:missing``. Anything whose
+value the builder computes with (dates, numbers, strings folded into patterns, chains,
+``_has``), a sort, includes, a later page or a caller with a boundary (whose clause depends
+on the caller) is built per request as before: :func:`template` answers None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import replace
+from typing import Any
+
+import sqlalchemy as sa
+
+from service.fhir.search.model import (
+    ID_TYPE,
+    Clause,
+    MissingClause,
+    ParamClause,
+    ReferenceValue,
+    SearchRequest,
+    TokenValue,
+    Value,
+)
+
+_TEMPLATED_TYPES = frozenset({"token", "reference", ID_TYPE})
+
+
+class _Values:
+    """Collects the values of one request as named bound parameters, in order."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def bind(self, value: str) -> Any:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return sa.bindparam(name)
+
+
+def template(request: SearchRequest) -> tuple[Hashable, SearchRequest, dict[str, Any]] | None:
+    """(shape, the request with bound parameters for values, their values), or None when
+    this request is built per request (see the module docstring)."""
+    if request.cursor is not None or request.sort or request.includes:
+        return None
+    values = _Values()
+    shapes: list[Hashable] = []
+    clauses: list[Clause] = []
+    for clause in request.clauses:
+        if isinstance(clause, MissingClause):
+            shapes.append(clause)
+            clauses.append(clause)
+            continue
+        if not isinstance(clause, ParamClause) or clause.type not in _TEMPLATED_TYPES or clause.modifier == "text":
+            return None
+        templated: list[Value] = []
+        for value in clause.values:
+            shaped = _template_value(value, values)
+            if shaped is None:
+                return None
+            templated.append(shaped[1])
+            shapes.append(shaped[0])
+        shapes.append((clause.code, clause.type, clause.modifier, clause.negate, len(clause.values)))
+        clauses.append(replace(clause, values=tuple(templated)))
+    shape = (request.resource_type, tuple(shapes), request.count, request.summary_count)
+    return shape, replace(request, clauses=clauses), values.params
+
+
+def _template_value(value: Value, values: _Values) -> tuple[Hashable, Value] | None:
+    if isinstance(value, TokenValue):
+        # None (any system / any code) leaves the test out: part of the shape, not a value.
+        return (("token", value.system is None, value.code is None),
+                TokenValue(None if value.system is None else values.bind(value.system),
+                           None if value.code is None else values.bind(value.code)))
+    if isinstance(value, ReferenceValue) and value.url is None and value.target_id is not None:
+        # The type decides which tests are made (and is one of few): part of the shape.
+        return ("reference", value.target_type), ReferenceValue(value.target_type, values.bind(value.target_id))
+    return None

@@ -1,0 +1,105 @@
+"""Searches of one shape share one statement (service/fhir/search/shapes.py): what is
+templated, that values never leak from one search into another, and that paging, totals and
+boundaries still hold on a shared statement."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+import pytest
+import sqlalchemy as sa
+
+from service.fhir import tables
+from service.fhir.search import execute as engine_module
+from service.fhir.search.parse import parse_search
+from service.fhir.search.shapes import template
+from tests.test_search_support import MiniStore
+
+MRN = "urn:oid:2.16.156.10011.1.1"
+
+
+def _request(resource_type: str, query: str):  # type: ignore[no-untyped-def]
+    return parse_search(resource_type, parse_qsl(query, keep_blank_values=True))
+
+
+@pytest.fixture(scope="module")
+def store(engine: sa.Engine) -> MiniStore:
+    with engine.begin() as conn:
+        for table in reversed(tables.metadata.sorted_tables):
+            conn.execute(table.delete())
+    s = MiniStore(engine)
+    s.put_all([
+        {"resourceType": "Patient", "id": f"s{i}", "gender": "female" if i % 2 else "male",
+         "identifier": [{"system": MRN, "value": f"11010519800101{i:04d}"}]}
+        for i in range(7)
+    ] + [
+        {"resourceType": "Observation", "id": f"o{i}", "status": "final", "code": {"text": "x"},
+         "subject": {"reference": f"Patient/s{i % 3}"}}
+        for i in range(6)
+    ])
+    return s
+
+
+def test_values_are_parameters_and_the_shape_is_the_rest() -> None:
+    a = template(_request("Patient", f"identifier={MRN}|110105198001010001"))
+    b = template(_request("Patient", f"identifier={MRN}|110105198001010002"))
+    assert a is not None and b is not None
+    assert a[0] == b[0]  # one shape
+    assert a[2] == {"p0": MRN, "p1": "110105198001010001"}
+    assert b[2]["p1"] == "110105198001010002"
+    # a value without a system is another shape (the system test is left out, not bound)
+    no_system = template(_request("Patient", "identifier=110105198001010001"))
+    assert no_system is not None and no_system[0] != a[0] and no_system[2] == {"p0": "110105198001010001"}
+    # two values OR-ed, :not, _id lists and local references are templated too
+    for query in ("gender=male,female", "gender:not=male", "_id=s1,s2", "subject=Patient/s1",
+                  "subject:Patient=s1", "status=final&subject=Patient/s1", "gender:missing=true"):
+        assert template(_request("Patient" if "gender" in query or "_id" in query else "Observation", query)), query
+    assert template(_request("Patient", "_id=s1"))[0] != template(_request("Patient", "_id=s1,s2"))[0]  # type: ignore[index]
+    assert template(_request("Patient", "_count=5&gender=male"))[0] != template(_request("Patient", "gender=male"))[0]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("query", [
+    "birthdate=1980", "name=张", "identifier:text=x", "gender=male&_sort=birthdate",
+    "gender=male&_include=Patient:organization", "general-practitioner.name=x",
+    "_has:Observation:subject:status=final", "_lastUpdated=gt2020", "subject=http://elsewhere/fhir/Patient/1",
+])
+def test_what_the_builder_computes_with_is_built_per_request(query: str) -> None:
+    resource_type = "Observation" if query.startswith("subject=") else "Patient"
+    assert template(_request(resource_type, query)) is None
+
+
+def test_searches_of_one_shape_share_a_statement_and_keep_their_values(store: MiniStore) -> None:
+    engine_module._PLANS.clear()
+    for i in range(7):
+        assert store.ids("Patient", f"identifier={MRN}|11010519800101{i:04d}") == [f"s{i}"]
+    assert len(engine_module._PLANS) == 1
+    assert store.id_set("Observation", "subject=Patient/s1") == {"o1", "o4"}
+    assert store.id_set("Observation", "subject=Patient/s2") == {"o2", "o5"}
+    assert store.id_set("Patient", "_id=s1,s6") == {"s1", "s6"}
+    assert store.id_set("Patient", "_id=s2,s3") == {"s2", "s3"}
+    assert len(engine_module._PLANS) == 3
+
+
+def test_pages_and_totals_of_a_shared_statement(store: MiniStore) -> None:
+    first = store.search("Patient", "gender=female&_count=2")
+    assert first.total == 3 and len(first.matches) == 2 and first.next_link
+    again = store.search("Patient", "gender=male&_count=2")  # same shape, other values
+    assert again.total == 4 and len(again.matches) == 2
+    cursor = dict(parse_qsl(first.next_link))["_cursor"]
+    second = store.search("Patient", [("gender", "female"), ("_count", "2"), ("_cursor", cursor)])
+    assert [m[1] for m in first.matches + second.matches] == ["s1", "s3", "s5"]
+    assert store.search("Patient", "gender=male&_summary=count").total == 4
+    assert store.search("Patient", "gender=female&_summary=count").total == 3
+
+
+def test_a_caller_with_a_boundary_gets_a_statement_of_its_own(store: MiniStore) -> None:
+    engine_module._PLANS.clear()
+
+    def only_s1(resource_type: str, type_col: sa.ColumnElement, id_col: sa.ColumnElement) -> sa.ColumnElement:
+        return id_col == "s1"
+
+    assert store.id_set("Patient", "gender=female", visible=only_s1) == {"s1"}
+    assert engine_module._PLANS == {}
+    assert store.id_set("Patient", "gender=female") == {"s1", "s3", "s5"}  # the shared one sees all
+    assert store.id_set("Patient", "gender=female", visible=lambda *_: None) == {"s1", "s3", "s5"}
+    assert len(engine_module._PLANS) == 1
