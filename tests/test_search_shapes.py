@@ -103,3 +103,12 @@ def test_a_caller_with_a_boundary_gets_a_statement_of_its_own(store: MiniStore) 
     assert store.id_set("Patient", "gender=female") == {"s1", "s3", "s5"}  # the shared one sees all
     assert store.id_set("Patient", "gender=female", visible=lambda *_: None) == {"s1", "s3", "s5"}
     assert len(engine_module._PLANS) == 1
+
+
+def test_conditional_matches_share_statements_too(store: MiniStore) -> None:
+    engine_module._PLANS.clear()
+    for i in range(7):
+        assert store.find("Patient", f"identifier={MRN}|11010519800101{i:04d}") == [f"s{i}"]
+    assert store.find("Patient", "gender=male", limit=10) == ["s0", "s2", "s4", "s6"]
+    assert store.find("Patient", "gender=male", limit=2) == ["s0", "s2"]
+    assert len(engine_module._PLANS) == 3  # identifier, gender with limit 10, gender with limit 2

@@ -69,10 +69,19 @@ class _Plan:
         return sa.select(sa.func.count()).select_from(self.r).where(*where)
 
 
-#: Plans of templated searches by shape (see ``shapes``); a few hundred shapes at most in
-#: practice, emptied if ever it grows past the bound.
-_PLANS: dict[Hashable, _Plan] = {}
+#: Plans (and conditional-match statements) of templated searches by shape, see ``shapes``:
+#: a few hundred shapes at most in practice, emptied if ever it grows past the bound.
+_PLANS: dict[Hashable, Any] = {}
 _MAX_PLANS = 1000
+
+
+def _shared(key: Hashable, build: Callable[[], Any]) -> Any:
+    found = _PLANS.get(key)
+    if found is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        found = _PLANS[key] = build()
+    return found
 
 
 def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visible | None = None) -> SearchPage:
@@ -142,12 +151,7 @@ def _plan_for(builder: Builder, request: SearchRequest, visible: Visible | None)
     if templated is None:
         return _build_plan(builder, request, r, boundary), {}
     shape, parametrised, params = templated
-    key = (shape, builder.dialect, builder.base_url)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = _build_plan(builder, parametrised, r, None)
+    plan = _shared((shape, builder.dialect, builder.base_url), lambda: _build_plan(builder, parametrised, r, None))
     return plan, params
 
 
@@ -330,14 +334,21 @@ def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: 
         raise BadRequest(f"The conditional query '{query}' has no search criteria")
     builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
     r = named_alias(RESOURCE, "r")
-    where = [*live(r, resource_type), *(builder.condition(resource_type, r, c) for c in request.clauses)]
     boundary = None if visible is None else visible(resource_type, r.c.resource_type, r.c.id)
+    templated = shapes.template(request) if boundary is None else None
+    if templated is None:
+        stmt, params = _match_statement(builder, request, r, boundary, limit), {}
+    else:  # the same shapes as searches (identifier=sys|value ...): one statement per shape
+        shape, parametrised, params = templated
+        stmt = _shared(("match", shape, limit, builder.dialect, builder.base_url),
+                       lambda: _match_statement(builder, parametrised, r, None, limit))
+    return list(conn.execute(stmt, params).scalars())
+
+
+def _match_statement(builder: Builder, request: SearchRequest, r: sa.FromClause, boundary: sa.ColumnElement | None,
+                     limit: int) -> sa.Select:
+    rt = request.resource_type
+    where = [*live(r, rt), *(builder.condition(rt, r, c) for c in request.clauses)]
     if boundary is not None:
         where.append(boundary)
-    stmt = (
-        sa.select(r.c.id)
-        .where(*where)
-        .order_by(r.c.id)
-        .limit(limit)
-    )
-    return list(conn.execute(stmt).scalars())
+    return sa.select(r.c.id).where(*where).order_by(r.c.id).limit(limit)
