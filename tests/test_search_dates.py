@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from service.fhir import tables
 from service.fhir.errors import BadRequest
+from tests.conftest import empty_store
 from tests.test_search_support import MiniStore
 
 EFFECTIVE = {
@@ -29,9 +29,7 @@ EFFECTIVE = {
 
 @pytest.fixture(scope="module")
 def store(engine: sa.Engine) -> MiniStore:
-    with engine.begin() as conn:
-        for table in reversed(tables.metadata.sorted_tables):
-            conn.execute(table.delete())
+    empty_store(engine)
     s = MiniStore(engine)
     s.put_all([{"resourceType": "Observation", "id": key, "status": "final", "code": {"text": "x"}, **value}
                for key, value in EFFECTIVE.items()])

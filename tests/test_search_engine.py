@@ -9,9 +9,9 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from service.fhir import tables
 from service.fhir.errors import BadRequest
 from service.fhir.search import searchset_bundle
+from tests.conftest import empty_store
 from tests.test_search_support import MiniStore
 
 LOINC = "http://loinc.org"
@@ -79,9 +79,7 @@ DATA = [
 
 @pytest.fixture(scope="module")
 def store(engine: sa.Engine) -> MiniStore:
-    with engine.begin() as conn:
-        for table in reversed(tables.metadata.sorted_tables):
-            conn.execute(table.delete())
+    empty_store(engine)
     s = MiniStore(engine)
     s.put_all(DATA)
     s.delete("Patient", "p4")

@@ -9,10 +9,10 @@ from urllib.parse import parse_qsl
 import pytest
 import sqlalchemy as sa
 
-from service.fhir import tables
 from service.fhir.search import execute as engine_module
 from service.fhir.search.parse import parse_search
 from service.fhir.search.shapes import template
+from tests.conftest import empty_store
 from tests.test_search_support import MiniStore
 
 MRN = "urn:oid:2.16.156.10011.1.1"
@@ -24,9 +24,7 @@ def _request(resource_type: str, query: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def store(engine: sa.Engine) -> MiniStore:
-    with engine.begin() as conn:
-        for table in reversed(tables.metadata.sorted_tables):
-            conn.execute(table.delete())
+    empty_store(engine)
     s = MiniStore(engine)
     s.put_all([
         {"resourceType": "Patient", "id": f"s{i}", "gender": "female" if i % 2 else "male",
