@@ -330,6 +330,20 @@ async def test_writes_outside_the_boundary_are_forbidden(client: httpx.AsyncClie
     assert system_read(app, "Patient", world["p1"])["meta"]["versionId"] == p1["meta"]["versionId"]
 
 
+async def test_each_write_is_judged_by_its_own_references(client: httpx.AsyncClient, world: World) -> None:
+    """The reference check's statement is shared by writes of the same shape from the same
+    caller (service.security.policy._statement); its answer must follow each write's ids."""
+    clinic = {**world.as_org("clinic-a1"), **FHIR}
+    for patient, expected in [("p1", 201), ("p5", 403), ("p4", 201), ("p5", 403), ("p1", 201)]:
+        record = {"resourceType": "Condition", "subject": ref(f"Patient/{world[patient]}"), "code": {"text": "x"}}
+        assert (await client.post("/Condition", json=record, headers=clinic)).status_code == expected, patient
+    both = {"resourceType": "Condition", "subject": ref(f"Patient/{world['p1']}"), "code": {"text": "x"},
+            "asserter": ref(f"Patient/{world['p4']}")}
+    assert (await client.post("/Condition", json=both, headers=clinic)).status_code == 201
+    both["asserter"] = ref(f"Patient/{world['p5']}")
+    assert (await client.post("/Condition", json=both, headers=clinic)).status_code == 403
+
+
 async def test_writes_inside_the_boundary_succeed(client: httpx.AsyncClient, world: World) -> None:
     clinic = {**world.as_org("clinic-a1"), **FHIR}
     own = {"resourceType": "Patient", "managingOrganization": ref(f"Organization/{world['clinic-a1']}")}

@@ -71,7 +71,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -708,16 +708,43 @@ class BoundaryPolicy:
             wanted[target_type].add(target_id)
         if not wanted:
             return
-        # one query for every type referenced (an Appointment names five): one round trip
+        # one query for every type referenced (an Appointment names five): one round trip,
+        # its statement built once per caller's rules and shape of the references
         types = sorted(wanted)
-        visible = sa.case(*((sa.and_(TARGET.c.resource_type == t, rules.on_target(t, write=False)), 1)
-                            for t in types), else_=0)
         pairs = [(t, i) for t in types for i in sorted(wanted[t])]
-        rows = conn.execute(sa.select(TARGET.c.resource_type, TARGET.c.id, visible).where(
-            sa.tuple_(TARGET.c.resource_type, TARGET.c.id).in_(pairs))).all()
+        shape = tuple((t, len(wanted[t])) for t in types)
+        query = _statement(rules, ("targets", shape), lambda: self._targets_query(rules, shape))
+        rows = conn.execute(query, {f"i{k}": i for k, (_, i) in enumerate(pairs)}).all()
         hidden = sorted((t, rid) for t, rid, ok in rows if not ok)
         if hidden:
             raise Forbidden(f"{_who(event.ctx)} may not reference {hidden[0][0]}/{hidden[0][1]}")
+
+
+    @staticmethod
+    def _targets_query(rules: _Rules, shape: tuple[tuple[str, int], ...]) -> sa.Select:
+        """(type, id, visible?) of the referenced resources: ids as parameters ``i0``, ``i1`` ..."""
+        visible = sa.case(*((sa.and_(TARGET.c.resource_type == t, rules.on_target(t, write=False)), 1)
+                            for t, _ in shape), else_=0)
+        keys = [sa.tuple_(sa.literal(t), sa.bindparam(f"i{k}"))
+                for k, t in enumerate(t for t, n in shape for _ in range(n))]
+        return sa.select(TARGET.c.resource_type, TARGET.c.id, visible).where(
+            sa.tuple_(TARGET.c.resource_type, TARGET.c.id).in_(keys))
+
+
+#: Statements under one caller's rules, per (rules, shape): the rules are built once per caller
+#: (``_RULES_CACHE``), so are these; building and hashing them cost more than running them.
+#: Each entry keeps its rules alive, so their id cannot stand for other rules meanwhile.
+_STATEMENTS: dict[tuple[int, Any], tuple[_Rules, sa.Select]] = {}
+
+
+def _statement(rules: _Rules, shape: Any, build: Callable[[], sa.Select]) -> sa.Select:
+    key = (id(rules), shape)
+    found = _STATEMENTS.get(key)
+    if found is None:
+        if len(_STATEMENTS) > 2048:
+            _STATEMENTS.clear()
+        found = _STATEMENTS[key] = (rules, build())
+    return found[1]
 
 
 class _ResultChecks:
@@ -732,14 +759,19 @@ class _ResultChecks:
         for resource_type, ids in self.written.items():
             ordered = sorted(ids)
             for start in range(0, len(ordered), 500):
-                rows = self.conn.execute(sa.select(
-                    TARGET.c.id, sa.case((self.rules.on_target(resource_type, write=True), 1), else_=0)).where(
-                    TARGET.c.resource_type == resource_type, TARGET.c.id.in_(ordered[start:start + 500]),
-                    TARGET.c.deleted == sa.false())).all()
+                query = _statement(self.rules, ("written", resource_type),
+                                   lambda rt=resource_type: self._query(rt))  # type: ignore[misc]
+                rows = self.conn.execute(query, {"ids": ordered[start:start + 500]}).all()
                 outside = sorted(rid for rid, ok in rows if not ok)  # deleted meanwhile: nothing to check
                 if outside:
                     raise Forbidden(f"{_who(self.ctx)} may not write {resource_type}/{outside[0]}: it would be "
                                     "outside the caller's organization boundary")
+
+    def _query(self, resource_type: str) -> sa.Select:
+        """(id, inside?) of written resources of one type: ids as the expanding parameter ``ids``."""
+        return sa.select(TARGET.c.id, sa.case((self.rules.on_target(resource_type, write=True), 1), else_=0)).where(
+            TARGET.c.resource_type == resource_type, TARGET.c.id.in_(sa.bindparam("ids", expanding=True)),
+            TARGET.c.deleted == sa.false())
 
 
 _RULES_CACHE: dict[tuple[Any, ...], tuple[_Rules | None]] = {}
