@@ -28,6 +28,7 @@ def store(engine: sa.Engine) -> MiniStore:
     s = MiniStore(engine)
     s.put_all([
         {"resourceType": "Patient", "id": f"s{i}", "gender": "female" if i % 2 else "male",
+         "name": [{"family": "张王李赵钱孙李"[i], "given": ["三" if i < 3 else "四"]}],
          "identifier": [{"system": MRN, "value": f"11010519800101{i:04d}"}]}
         for i in range(7)
     ] + [
@@ -56,8 +57,20 @@ def test_values_are_parameters_and_the_shape_is_the_rest() -> None:
     assert template(_request("Patient", "_count=5&gender=male"))[0] != template(_request("Patient", "gender=male"))[0]  # type: ignore[index]
 
 
+def test_string_prefixes_are_parameters_with_their_upper_bound() -> None:
+    zhang = template(_request("Patient", "name=张"))
+    li = template(_request("Patient", "family=Li"))
+    wang = template(_request("Patient", "name=王"))
+    assert zhang is not None and li is not None and wang is not None
+    assert zhang[0] == wang[0] != li[0]  # same parameter, same shape; another parameter, another
+    assert zhang[2] == {"p0": "张", "p1": chr(ord("张") + 1)}  # [prefix, next code point)
+    assert li[2] == {"p0": "li", "p1": "lj"}  # folded as indexed
+    exact = template(_request("Patient", "name:exact=张三"))
+    assert exact is not None and exact[2] == {"p0": "张三"} and exact[0] != zhang[0]
+
+
 @pytest.mark.parametrize("query", [
-    "birthdate=1980", "name=张", "identifier:text=x", "gender=male&_sort=birthdate",
+    "birthdate=1980", "name:contains=张", "identifier:text=x", "gender=male&_sort=birthdate",
     "gender=male&_include=Patient:organization", "general-practitioner.name=x",
     "_has:Observation:subject:status=final", "_lastUpdated=gt2020", "subject=http://elsewhere/fhir/Patient/1",
 ])
@@ -76,6 +89,17 @@ def test_searches_of_one_shape_share_a_statement_and_keep_their_values(store: Mi
     assert store.id_set("Patient", "_id=s1,s6") == {"s1", "s6"}
     assert store.id_set("Patient", "_id=s2,s3") == {"s2", "s3"}
     assert len(engine_module._PLANS) == 3
+
+
+def test_name_searches_of_one_shape_keep_their_values(store: MiniStore) -> None:
+    engine_module._PLANS.clear()
+    assert store.id_set("Patient", "family=张") == {"s0"}
+    assert store.id_set("Patient", "family=李") == {"s2", "s6"}
+    assert store.id_set("Patient", "family=赵") == {"s3"}
+    assert store.id_set("Patient", "name=三") == {"s0", "s1", "s2"}
+    assert store.id_set("Patient", "family:exact=李") == {"s2", "s6"}
+    assert store.id_set("Patient", "family:exact=钱") == {"s4"}
+    assert len(engine_module._PLANS) == 3  # family prefix, name prefix, family:exact
 
 
 def test_pages_and_totals_of_a_shared_statement(store: MiniStore) -> None:

@@ -58,11 +58,13 @@ class Dialect:
         """Index-friendly ``column`` starts with ``prefix`` (exact, case-sensitive)."""
         if prefix == "":
             return column.is_not(None)
+        return self.prefix_range(column, prefix, prefix_upper_bound(prefix))
+
+    def prefix_range(self, column: sa.ColumnElement, low: object, high: object | None) -> sa.ColumnElement:
+        """``low <= column < high`` in code-point order (no upper bound when ``high`` is None):
+        a prefix's range, its bounds literal or bound parameters."""
         col = self.codepoint(column)
-        upper = prefix_upper_bound(prefix)
-        if upper is None:
-            return col >= prefix
-        return sa.and_(col >= prefix, col < upper)
+        return col >= low if high is None else sa.and_(col >= low, col < high)
 
     def contains(self, column: sa.ColumnElement, fragment: str) -> sa.ColumnElement:
         """``column`` contains ``fragment`` (LIKE with escaping; case-sensitive on both sides

@@ -39,6 +39,16 @@ class TextValue:
 
 
 @dataclass(frozen=True)
+class PrefixRange:
+    """A string prefix as the range [low, high) in code-point order (``high`` None: no upper
+    bound). Never parsed from a query: ``shapes.template`` passes a prefix's bounds this way,
+    as bound parameters, since the builder cannot compute the upper bound of a parameter."""
+
+    low: object
+    high: object | None
+
+
+@dataclass(frozen=True)
 class DateValue:
     """A date search value as the closed range [low, high] in epoch milliseconds (UTC)."""
 
@@ -81,7 +91,7 @@ class UriValue:
     value: str
 
 
-Value = TokenValue | TextValue | DateValue | NumberValue | QuantityValue | ReferenceValue | UriValue
+Value = TokenValue | TextValue | PrefixRange | DateValue | NumberValue | QuantityValue | ReferenceValue | UriValue
 
 
 # -- clauses ------------------------------------------------------------------------------------

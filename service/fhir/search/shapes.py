@@ -8,10 +8,11 @@ gives back the request with every value replaced by a bound parameter (``:p0``, 
 The engine builds the statement from that once per shape and runs it with the values.
 
 Only values that the SQL layer compares as they are take part: tokens (``system|code``,
-``_id``) and local references (``subject=Patient/1``), plus ``:missing``. Anything whose
-value the builder computes with (dates, numbers, strings folded into patterns, chains,
-``_has``), a sort, includes, a later page or a caller with a boundary (whose clause depends
-on the caller) is built per request as before: :func:`template` answers None.
+``_id``), local references (``subject=Patient/1``), strings by prefix (``name=张``: the
+folded prefix and its upper bound, computed here) and ``:exact``, plus ``:missing``. Anything
+else the builder computes with (dates, numbers, ``:contains`` patterns, chains, ``_has``), a
+sort, includes, a later page or a caller with a boundary (whose clause depends on the caller)
+is built per request as before: :func:`template` answers None.
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from service.fhir.search.dialect import prefix_upper_bound
 from service.fhir.search.model import (
     ID_TYPE,
     Clause,
     MissingClause,
     ParamClause,
+    PrefixRange,
     ReferenceValue,
     SearchRequest,
+    TextValue,
     TokenValue,
     Value,
 )
 
-_TEMPLATED_TYPES = frozenset({"token", "reference", ID_TYPE})
+_TEMPLATED_TYPES = frozenset({"token", "reference", "string", ID_TYPE})
+_TEMPLATED_MODIFIERS = {"token": {None, "not"}, "reference": None, "string": {None, "exact"}, ID_TYPE: None}
 
 
 class _Values:
@@ -61,11 +66,14 @@ def template(request: SearchRequest) -> tuple[Hashable, SearchRequest, dict[str,
             shapes.append(clause)
             clauses.append(clause)
             continue
-        if not isinstance(clause, ParamClause) or clause.type not in _TEMPLATED_TYPES or clause.modifier == "text":
+        if not isinstance(clause, ParamClause) or clause.type not in _TEMPLATED_TYPES:
+            return None
+        modifiers = _TEMPLATED_MODIFIERS[clause.type]
+        if modifiers is not None and clause.modifier not in modifiers:
             return None
         templated: list[Value] = []
         for value in clause.values:
-            shaped = _template_value(value, values)
+            shaped = _template_value(clause, value, values)
             if shaped is None:
                 return None
             templated.append(shaped[1])
@@ -76,7 +84,15 @@ def template(request: SearchRequest) -> tuple[Hashable, SearchRequest, dict[str,
     return shape, replace(request, clauses=clauses), values.params
 
 
-def _template_value(value: Value, values: _Values) -> tuple[Hashable, Value] | None:
+def _template_value(clause: ParamClause, value: Value, values: _Values) -> tuple[Hashable, Value] | None:
+    if isinstance(value, TextValue) and clause.type == "string":
+        if clause.modifier == "exact":
+            return ("exact",), TextValue(values.bind(value.text), "")
+        if not value.normalized:
+            return None  # an empty prefix matches every value: rare, built as before
+        upper = prefix_upper_bound(value.normalized)
+        return (("prefix", upper is None),
+                PrefixRange(values.bind(value.normalized), None if upper is None else values.bind(upper)))
     if isinstance(value, TokenValue):
         # None (any system / any code) leaves the test out: part of the shape, not a value.
         return (("token", value.system is None, value.code is None),

@@ -28,6 +28,7 @@ from service.fhir.search.model import (
     MissingClause,
     NumberValue,
     ParamClause,
+    PrefixRange,
     QuantityValue,
     ReferenceValue,
     SortSpec,
@@ -183,6 +184,8 @@ class Builder:
                 tests.append(t.c.code == value.code)
             return sa.and_(*tests)
         if kind == "string":
+            if isinstance(value, PrefixRange):  # a prefix as bound parameters (search.shapes)
+                return self.dialect.prefix_range(t.c.value, value.low, value.high)
             assert isinstance(value, TextValue)
             if clause.modifier == "exact":
                 return t.c.exact == value.text
