@@ -471,6 +471,35 @@ async def test_patient_app_sees_only_its_patient(auth_client: httpx.AsyncClient,
     assert entry_ids(conditions.json()) == {world["cond-p1"]}
 
 
+async def test_callers_searching_alike_share_statements_but_not_what_they_see(
+        client: httpx.AsyncClient, auth_client: httpx.AsyncClient, token_for, world: World) -> None:
+    """Searches of one shape under one caller's boundary share statements (keyed by the
+    policies' visibility_key): every caller must still see exactly its own, whatever ran before."""
+    from service.fhir.search import execute as search_engine
+
+    search_engine._PLANS.clear()
+    ids = f"{world['p1']},{world['p4']},{world['p5']}"
+    for _ in range(2):
+        for org, expected in [("clinic-a1", {"p1", "p4"}), ("clinic-b", {"p5"}), ("hosp-b", set()),
+                              ("clinic-a1", {"p1", "p4"})]:
+            bundle = await search(client, "/Patient", world.as_org(org), _id=ids)
+            assert entry_ids(bundle) == {world[k] for k in expected}, org
+            rid = world.resident_ids["p1"]
+            by_identifier = await search(client, "/Patient", world.as_org(org), identifier=f"{RESIDENT_ID}|{rid}")
+            # (another test gives hosp-b a Patient of its own with this resident ID)
+            assert (world["p1"] in entry_ids(by_identifier)) == ("p1" in expected), org
+            read = await client.get(f"/Patient/{world['p5']}", headers=world.as_org(org))
+            assert read.status_code == (200 if "p5" in expected else 404), org
+    assert len(search_engine._PLANS) == 6  # two shapes × three boundaries (clinic-a1, clinic-b, hosp-b)
+    # SMART patient context: the same scopes for two patients are two visibilities
+    for patient, other in [("p1", "p4"), ("p4", "p1"), ("p1", "p4")]:
+        token = token_for("patient/*.rs", patient=world[patient], user=f"resident-{world.tag}", organization=None)
+        found = await auth_client.get("/Patient", params={"_id": f"{world['p1']},{world['p4']}"},
+                                      headers=bearer(token))
+        assert entry_ids(found.json()) == {world[patient]}, patient
+        assert (await auth_client.get(f"/Patient/{world[other]}", headers=bearer(token))).status_code == 404
+
+
 def test_store_level_contexts_follow_the_same_rules(engine, world: World, settings) -> None:
     store = ResourceStore(engine, policy=BoundaryPolicy(settings.model_copy(update={"auth": "on"})))
     patient_app = AccessContext(client_id="app", patient=f"Patient/{world['p2']}")

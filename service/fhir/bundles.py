@@ -303,7 +303,7 @@ def _read_entry(tx: StoreTransaction, entry: _Entry, base_url: str) -> dict[str,
 
         request = parse_search(entry.resource_type, parse_qsl(entry.query or "", keep_blank_values=True))
         tx.authorize("search", entry.resource_type)
-        page = execute_search(tx.conn, request, visible=tx.boundary)
+        page = execute_search(tx.conn, request, visible=tx.boundary, visible_key=tx.visibility_key())
         return {"response": {"status": "200 OK"}, "resource": orjson.loads(searchset_bundle(page, base_url=base_url))}
     path = entry.url.split("?")[0].split("/")
     if len(path) >= 4 and path[2] == "_history":

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,6 +96,12 @@ class AccessPolicy(Protocol):
         """A WHERE clause over (type, id) selecting what the caller may see; None: no limit.
         What is not visible answers 404, so its existence is not revealed."""
 
+    def visibility_key(self, ctx: AccessContext) -> Hashable | None:
+        """A value equal for two callers only when :meth:`visible` gives them the same clause
+        (SQL and bound values) for every type and pair of columns, so that statements built
+        under one caller's clause may serve the other; None: no such promise. Optional: a
+        policy without it has every restricted search built per request."""
+
     def check_write(self, ctx: AccessContext, resource_type: str, resource: dict[str, Any] | None,
                     previous: dict[str, Any] | None) -> None:
         """Raise Forbidden when the caller may not make this change."""
@@ -110,6 +116,9 @@ class OpenPolicy:
     def visible(self, ctx: AccessContext, resource_type: str, type_col: sa.ColumnElement,
                 id_col: sa.ColumnElement) -> sa.ColumnElement | None:
         return None
+
+    def visibility_key(self, ctx: AccessContext) -> Hashable | None:
+        return ("open",)
 
     def check_write(self, ctx: AccessContext, resource_type: str, resource: dict[str, Any] | None,
                     previous: dict[str, Any] | None) -> None:

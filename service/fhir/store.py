@@ -14,7 +14,7 @@ current version. The JSON we store already carries ``id`` and ``meta.versionId``
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -110,6 +110,8 @@ _READ = (sa.select(R.c.version_id, R.c.last_updated, R.c.seq, _json_text(V.c.con
 # SQLAlchemy its compilation and parameter handling cost more than PostgreSQL's work.
 _READ_PG = ("SELECT r.version_id, r.last_updated, r.seq, v.content::text FROM resource r"
             " JOIN resource_version v ON v.seq = r.seq WHERE r.resource_type = $1 AND r.id = $2")
+#: Read statements under a caller's boundary, by (visibility key, type, PostgreSQL?).
+_BOUNDED_READS: dict[tuple[Any, ...], sa.Select | None] = {}
 _CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
                     .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
 
@@ -203,16 +205,23 @@ class StoreTransaction:
         the type (searches without a boundary can share statements, see search.shapes)."""
         return None if self.ctx.system else self.policy.visible(self.ctx, resource_type, type_col, id_col)
 
+    def visibility_key(self) -> Hashable | None:
+        """Equal for two callers whose boundaries are the same clause (``AccessPolicy.
+        visibility_key``): statements built under one serve the other (search.shapes)."""
+        if self.ctx.system:
+            return ("system",)
+        key_of = getattr(self.policy, "visibility_key", None)
+        return None if key_of is None else key_of(self.ctx)
+
     # -- reads ---------------------------------------------------------------------------
 
     def read(self, resource_type: str, resource_id: str) -> StoredResource:
         self.authorize("read", resource_type)
-        boundary = self.boundary(resource_type, R.c.resource_type, R.c.id)
-        if boundary is None and self._postgres:
+        query = self._read_query(resource_type)
+        if query is None:
             rows = execute_prepared(self.conn, _READ_PG, (resource_type, resource_id))
             row = rows[0] if rows else None
         else:
-            query = _READ if boundary is None else _READ.where(boundary)
             row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
         if row is None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
@@ -220,6 +229,21 @@ class StoreTransaction:
         if stored.deleted:
             raise Gone(f"{resource_type}/{resource_id} was deleted", headers={"ETag": stored.etag})
         return stored
+
+    def _read_query(self, resource_type: str) -> sa.Select | None:
+        """The read statement under the caller's boundary; None: the prepared PostgreSQL read
+        (no boundary). Built once per boundary (``visibility_key``) and type."""
+        key = self.visibility_key()
+        cache_key = (key, resource_type, self._postgres)
+        if key is not None and cache_key in _BOUNDED_READS:
+            return _BOUNDED_READS[cache_key]
+        boundary = self.boundary(resource_type, R.c.resource_type, R.c.id)
+        query = None if boundary is None and self._postgres else _READ if boundary is None else _READ.where(boundary)
+        if key is not None:
+            if len(_BOUNDED_READS) > 1024:
+                _BOUNDED_READS.clear()
+            _BOUNDED_READS[cache_key] = query
+        return query
 
     def vread(self, resource_type: str, resource_id: str, version_id: int) -> StoredResource:
         self.authorize("vread", resource_type)
@@ -287,7 +311,8 @@ class StoreTransaction:
 
         # Only what the caller may see can match: a conditional create/update/delete or a
         # conditional reference never reveals, nor touches, a resource outside its boundary.
-        return find_matches(self.conn, resource_type, query, limit=limit, visible=self.boundary)
+        return find_matches(self.conn, resource_type, query, limit=limit, visible=self.boundary,
+                            visible_key=self.visibility_key())
 
     # -- writes --------------------------------------------------------------------------
 
@@ -669,7 +694,7 @@ class ResourceStore:
         request = parse_search(resource_type, params, strict=strict)
         with self.read_only(ctx) as tx:
             tx.authorize("search", resource_type)
-            page = execute_search(tx.conn, request, visible=tx.boundary)
+            page = execute_search(tx.conn, request, visible=tx.boundary, visible_key=tx.visibility_key())
         return searchset_bundle(page, base_url=base_url)
 
     def history(self, ctx: AccessContext, resource_type: str | None = None, resource_id: str | None = None, *,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -53,6 +54,10 @@ class CombinedPolicy:
         if not clauses:
             return None
         return clauses[0] if len(clauses) == 1 else sa.and_(*clauses)
+
+    def visibility_key(self, ctx: AccessContext) -> Hashable | None:
+        keys = tuple(getattr(p, "visibility_key", lambda _ctx: None)(ctx) for p in self.policies)
+        return None if any(k is None for k in keys) else ("combined", keys)
 
     def check_write(self, ctx: AccessContext, resource_type: str, resource: dict[str, Any] | None,
                     previous: dict[str, Any] | None) -> None:

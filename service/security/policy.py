@@ -71,7 +71,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -612,6 +612,12 @@ class BoundaryPolicy:
                 return type_col.not_in(sorted(AUDIT_TYPES))
             return None
         return _about(type_col, id_col, rules.on_target(resource_type, write=False))
+
+    def visibility_key(self, ctx: AccessContext) -> Hashable | None:
+        """What :meth:`visible` depends on: the settings and what :meth:`rules_for` builds the
+        caller's rules from (its cache key)."""
+        return ("boundary", self.base_url, self.auth_enabled, ctx.system, ctx.organization, ctx.patient,
+                is_auditor(ctx))
 
     def check_write(self, ctx: AccessContext, resource_type: str, resource: dict[str, Any] | None,
                     previous: dict[str, Any] | None) -> None:

@@ -28,7 +28,7 @@ create → c, update/patch → u, delete → d.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -291,6 +291,10 @@ class ScopePolicy:
                 example = f"{_example_context(ctx)}/{resource_type}.{letter}"
                 raise Forbidden(f"the access token's scopes do not allow {interaction} on {resource_type} "
                                 f"(a scope such as {example} is needed)")
+
+    def visibility_key(self, ctx: AccessContext) -> Hashable | None:
+        """What :meth:`visible` depends on: the caller's scopes and its patient context."""
+        return ("scopes", tuple(ctx.scopes), ctx.patient)
 
     def visible(self, ctx: AccessContext, resource_type: str, type_col: sa.ColumnElement,
                 id_col: sa.ColumnElement) -> sa.ColumnElement | None:

@@ -84,9 +84,12 @@ def _shared(key: Hashable, build: Callable[[], Any]) -> Any:
     return found
 
 
-def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visible | None = None) -> SearchPage:
+def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visible | None = None,
+                   visible_key: Hashable | None = None) -> SearchPage:
     """Run ``request`` on ``conn`` and return one page. ``visible`` restricts every resource
-    returned or counted (matches, total and included resources)."""
+    returned or counted (matches, total and included resources); ``visible_key``, when given,
+    is equal for two callers only when ``visible`` gives them the same clauses (so that their
+    searches may share statements)."""
     rt = request.resource_type
     builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
     fp = cursor_codec.fingerprint(rt, request.sort)
@@ -94,7 +97,7 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
     # The first page reads the snapshot in its page query (no extra round trip): there it holds
     # for every row by construction. Later pages pin to the cursor's.
     snapshot: int | None = cursor.snapshot if cursor is not None else None
-    plan, params = _plan_for(builder, request, visible)
+    plan, params = _plan_for(builder, request, visible, visible_key)
 
     warnings = list(request.warnings)
     self_link = _query_string(request.link_params, cursor_codec.encode(cursor, fp) if cursor else None)
@@ -140,19 +143,29 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
     return page
 
 
-def _plan_for(builder: Builder, request: SearchRequest, visible: Visible | None) -> tuple[_Plan, dict[str, Any]]:
+def _plan_for(builder: Builder, request: SearchRequest, visible: Visible | None,
+              visible_key: Hashable | None) -> tuple[_Plan, dict[str, Any]]:
     """The plan for ``request`` and the values to run it with: shared by every search of the
-    same shape when ``shapes.template`` can parametrise it, else built for this request."""
+    same shape (and the same visibility) when ``shapes.template`` can parametrise it, else
+    built for this request."""
     rt = request.resource_type
     r = named_alias(RESOURCE, "r")
-    # The caller's boundary depends on the caller: a search under one is built for itself.
-    boundary = None if visible is None else visible(rt, r.c.resource_type, r.c.id)
-    templated = shapes.template(request) if boundary is None else None
+    templated = shapes.template(request)
     if templated is None:
-        return _build_plan(builder, request, r, boundary), {}
+        return _build_plan(builder, request, r, _boundary(visible, rt, r)), {}
     shape, parametrised, params = templated
-    plan = _shared((shape, builder.dialect, builder.base_url), lambda: _build_plan(builder, parametrised, r, None))
+    if visible is not None and visible_key is None:
+        boundary = _boundary(visible, rt, r)  # no key: only a caller without a boundary shares
+        if boundary is not None:
+            return _build_plan(builder, request, r, boundary), {}
+        visible = None
+    key = (shape, builder.dialect, builder.base_url, None if visible is None else visible_key)
+    plan = _shared(key, lambda: _build_plan(builder, parametrised, r, _boundary(visible, rt, r)))
     return plan, params
+
+
+def _boundary(visible: Visible | None, resource_type: str, r: sa.FromClause) -> sa.ColumnElement | None:
+    return None if visible is None else visible(resource_type, r.c.resource_type, r.c.id)
 
 
 def _build_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
@@ -320,7 +333,7 @@ def _chunks(items: list[str]) -> Iterable[list[str]]:
 
 
 def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: int = 2,
-                 visible: Visible | None = None) -> list[str]:
+                 visible: Visible | None = None, visible_key: Hashable | None = None) -> list[str]:
     """Ids of live resources matching ``query`` (``identifier=sys|123&...``), at most ``limit``;
     with ``visible``, only resources the caller may see (and chains / ``_has`` through them).
 
@@ -334,14 +347,20 @@ def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: 
         raise BadRequest(f"The conditional query '{query}' has no search criteria")
     builder = Builder(Dialect.for_connection(conn), base_url=base_url_setting(), visible=visible)
     r = named_alias(RESOURCE, "r")
-    boundary = None if visible is None else visible(resource_type, r.c.resource_type, r.c.id)
-    templated = shapes.template(request) if boundary is None else None
+    templated = shapes.template(request)
+    if templated is not None and visible is not None and visible_key is None:
+        boundary = _boundary(visible, resource_type, r)  # no key: only a caller without a boundary shares
+        if boundary is None:
+            visible = None
+        else:
+            templated = None
     if templated is None:
-        stmt, params = _match_statement(builder, request, r, boundary, limit), {}
+        stmt, params = _match_statement(builder, request, r, _boundary(visible, resource_type, r), limit), {}
     else:  # the same shapes as searches (identifier=sys|value ...): one statement per shape
         shape, parametrised, params = templated
-        stmt = _shared(("match", shape, limit, builder.dialect, builder.base_url),
-                       lambda: _match_statement(builder, parametrised, r, None, limit))
+        key = ("match", shape, limit, builder.dialect, builder.base_url, None if visible is None else visible_key)
+        stmt = _shared(key, lambda: _match_statement(builder, parametrised, r, _boundary(visible, resource_type, r),
+                                                     limit))
     return list(conn.execute(stmt, params).scalars())
 
 
