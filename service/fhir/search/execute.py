@@ -61,7 +61,6 @@ class _Plan:
 
     r: sa.FromClause
     where: list[sa.ColumnElement]  # without the snapshot: totals add it
-    kinds: list[str]  # the sort keys' types, for the cursors
     page: sa.Select | None  # None when only a count is asked for
 
     def count(self, snapshot: int | None) -> sa.Select:
@@ -176,7 +175,7 @@ def _build_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
     if boundary is not None:
         where.append(boundary)
     if request.summary_count or request.count == 0:
-        return _Plan(r, where, [], None)
+        return _Plan(r, where, None)
     page_where = where if cursor is None else [*where, r.c.created_seq <= cursor.snapshot]
 
     # Sort keys, then id as the unique tiebreaker.
@@ -200,7 +199,7 @@ def _build_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
         .select_from(page_rows.join(VERSION, VERSION.c.seq == page_rows.c.rseq))
         .order_by(*order_by(pg_keys, backward))
     )
-    return _Plan(r, where, kinds, page)
+    return _Plan(r, where, page)
 
 
 def _page_rows(r: sa.FromClause, where: list[sa.ColumnElement], keys: list[tuple[sa.ColumnElement, bool, bool]],
