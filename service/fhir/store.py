@@ -112,6 +112,7 @@ _READ_PG = ("SELECT r.version_id, r.last_updated, r.seq, v.content::text FROM re
             " JOIN resource_version v ON v.seq = r.seq WHERE r.resource_type = $1 AND r.id = $2")
 #: Read statements under a caller's boundary, by (visibility key, type, PostgreSQL?).
 _BOUNDED_READS: dict[tuple[Any, ...], sa.Select | None] = {}
+_UNKNOWN = object()
 _CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
                     .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
 
@@ -235,8 +236,10 @@ class StoreTransaction:
         (no boundary). Built once per boundary (``visibility_key``) and type."""
         key = self.visibility_key()
         cache_key = (key, resource_type, self._postgres)
-        if key is not None and cache_key in _BOUNDED_READS:
-            return _BOUNDED_READS[cache_key]
+        if key is not None:
+            found = _BOUNDED_READS.get(cache_key, _UNKNOWN)  # one look-up: another thread may clear it
+            if found is not _UNKNOWN:
+                return found  # type: ignore[return-value]
         boundary = self.boundary(resource_type, R.c.resource_type, R.c.id)
         query = None if boundary is None and self._postgres else _READ if boundary is None else _READ.where(boundary)
         if key is not None:
