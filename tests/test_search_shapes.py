@@ -121,7 +121,7 @@ def test_a_caller_with_a_boundary_gets_a_statement_of_its_own(store: MiniStore) 
         return id_col == "s1"
 
     assert store.id_set("Patient", "gender=female", visible=only_s1) == {"s1"}
-    assert engine_module._PLANS == {}
+    assert len(engine_module._PLANS) == 0
     assert store.id_set("Patient", "gender=female") == {"s1", "s3", "s5"}  # the shared one sees all
     assert store.id_set("Patient", "gender=female", visible=lambda *_: None) == {"s1", "s3", "s5"}
     assert len(engine_module._PLANS) == 1
@@ -134,3 +134,23 @@ def test_conditional_matches_share_statements_too(store: MiniStore) -> None:
     assert store.find("Patient", "gender=male", limit=10) == ["s0", "s2", "s4", "s6"]
     assert store.find("Patient", "gender=male", limit=2) == ["s0", "s2"]
     assert len(engine_module._PLANS) == 3  # identifier, gender with limit 10, gender with limit 2
+
+
+def test_the_statement_cache_builds_once_keeps_none_and_stays_bounded() -> None:
+    from service.fhir.statements import StatementCache
+
+    built: list[str] = []
+
+    def build(value: str | None) -> str | None:
+        built.append(str(value))
+        return value
+
+    cache: StatementCache[str | None] = StatementCache(bound=3)
+    assert cache.get("a", lambda: build("A")) == "A"
+    assert cache.get("a", lambda: build("other")) == "A"
+    assert cache.get("none", lambda: build(None)) is None
+    assert cache.get("none", lambda: build("rebuilt")) is None  # None is a value too (no boundary)
+    assert built == ["A", "None"]
+    cache.get("b", lambda: build("B"))
+    cache.get("c", lambda: build("C"))  # past the bound: emptied, then kept
+    assert len(cache) == 1

@@ -31,6 +31,7 @@ from service.fhir.db import execute_prepared, is_postgres, read_transaction, wri
 from service.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable
 from service.fhir.hooks import AccessPolicy, OpenPolicy, WriteEvent, WriteHooks
 from service.fhir.indexing import IndexRows, index_resource
+from service.fhir.statements import StatementCache
 from service.fhir.validation import validate_resource
 
 Clock = Callable[[], datetime]
@@ -111,8 +112,7 @@ _READ = (sa.select(R.c.version_id, R.c.last_updated, R.c.seq, _json_text(V.c.con
 _READ_PG = ("SELECT r.version_id, r.last_updated, r.seq, v.content::text FROM resource r"
             " JOIN resource_version v ON v.seq = r.seq WHERE r.resource_type = $1 AND r.id = $2")
 #: Read statements under a caller's boundary, by (visibility key, type, PostgreSQL?).
-_BOUNDED_READS: dict[tuple[Any, ...], sa.Select | None] = {}
-_UNKNOWN = object()
+_BOUNDED_READS: StatementCache[sa.Select | None] = StatementCache(1024)
 _CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
                     .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
 
@@ -235,18 +235,15 @@ class StoreTransaction:
         """The read statement under the caller's boundary; None: the prepared PostgreSQL read
         (no boundary). Built once per boundary (``visibility_key``) and type."""
         key = self.visibility_key()
-        cache_key = (key, resource_type, self._postgres)
-        if key is not None:
-            found = _BOUNDED_READS.get(cache_key, _UNKNOWN)  # one look-up: another thread may clear it
-            if found is not _UNKNOWN:
-                return found  # type: ignore[return-value]
+        if key is None:
+            return self._build_read_query(resource_type)
+        return _BOUNDED_READS.get((key, resource_type, self._postgres), lambda: self._build_read_query(resource_type))
+
+    def _build_read_query(self, resource_type: str) -> sa.Select | None:
         boundary = self.boundary(resource_type, R.c.resource_type, R.c.id)
-        query = None if boundary is None and self._postgres else _READ if boundary is None else _READ.where(boundary)
-        if key is not None:
-            if len(_BOUNDED_READS) > 1024:
-                _BOUNDED_READS.clear()
-            _BOUNDED_READS[cache_key] = query
-        return query
+        if boundary is None:
+            return None if self._postgres else _READ
+        return _READ.where(boundary)
 
     def vread(self, resource_type: str, resource_id: str, version_id: int) -> StoredResource:
         self.authorize("vread", resource_type)

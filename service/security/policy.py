@@ -83,6 +83,7 @@ from service.fhir.access import AccessContext
 from service.fhir.errors import Forbidden
 from service.fhir.hooks import ANY_TYPE, WriteEvent, WriteHooks
 from service.fhir.indexing.values import reference_row
+from service.fhir.statements import StatementCache
 
 REF: sa.Table = tables.ReferenceIndex.__table__  # type: ignore[attr-defined]
 TOKEN: sa.Table = tables.TokenIndex.__table__  # type: ignore[attr-defined]
@@ -738,19 +739,12 @@ class BoundaryPolicy:
 
 
 #: Statements under one caller's rules, per (rules, shape): the rules are built once per caller
-#: (``_RULES_CACHE``), so are these; building and hashing them cost more than running them.
-#: Each entry keeps its rules alive, so their id cannot stand for other rules meanwhile.
-_STATEMENTS: dict[tuple[int, Any], tuple[_Rules, sa.Select]] = {}
+#: (``_RULES_CACHE``), so are these.
+_STATEMENTS: StatementCache[sa.Select] = StatementCache(2048)
 
 
 def _statement(rules: _Rules, shape: Any, build: Callable[[], sa.Select]) -> sa.Select:
-    key = (id(rules), shape)
-    found = _STATEMENTS.get(key)
-    if found is None:
-        if len(_STATEMENTS) > 2048:
-            _STATEMENTS.clear()
-        found = _STATEMENTS[key] = (rules, build())
-    return found[1]
+    return _STATEMENTS.get((rules, shape), build)  # the key keeps its rules alive: identity is safe
 
 
 class _ResultChecks:

@@ -40,6 +40,7 @@ from service.fhir.search.sql import (
     named_alias,
     order_by,
 )
+from service.fhir.statements import StatementCache
 
 #: ``visible(resource_type, type_column, id_column)`` → extra WHERE condition (authorization),
 #: None when the caller may see every resource of that type.
@@ -68,19 +69,9 @@ class _Plan:
         return sa.select(sa.func.count()).select_from(self.r).where(*where)
 
 
-#: Plans (and conditional-match statements) of templated searches by shape, see ``shapes``:
-#: a few hundred shapes at most in practice, emptied if ever it grows past the bound.
-_PLANS: dict[Hashable, Any] = {}
-_MAX_PLANS = 1000
-
-
-def _shared(key: Hashable, build: Callable[[], Any]) -> Any:
-    found = _PLANS.get(key)
-    if found is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        found = _PLANS[key] = build()
-    return found
+#: Plans (and conditional-match statements) of templated searches by shape and visibility,
+#: see ``shapes``.
+_PLANS: StatementCache[Any] = StatementCache(1000)
 
 
 def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visible | None = None,
@@ -159,7 +150,7 @@ def _plan_for(builder: Builder, request: SearchRequest, visible: Visible | None,
             return _build_plan(builder, request, r, boundary), {}
         visible = None
     key = (shape, builder.dialect, builder.base_url, None if visible is None else visible_key)
-    plan = _shared(key, lambda: _build_plan(builder, parametrised, r, _boundary(visible, rt, r)))
+    plan = _PLANS.get(key, lambda: _build_plan(builder, parametrised, r, _boundary(visible, rt, r)))
     return plan, params
 
 
@@ -358,7 +349,7 @@ def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: 
     else:  # the same shapes as searches (identifier=sys|value ...): one statement per shape
         shape, parametrised, params = templated
         key = ("match", shape, limit, builder.dialect, builder.base_url, None if visible is None else visible_key)
-        stmt = _shared(key, lambda: _match_statement(builder, parametrised, r, _boundary(visible, resource_type, r),
+        stmt = _PLANS.get(key, lambda: _match_statement(builder, parametrised, r, _boundary(visible, resource_type, r),
                                                      limit))
     return list(conn.execute(stmt, params).scalars())
 
