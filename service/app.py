@@ -7,25 +7,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 import anyio.to_thread
-
 from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
 from service import __version__
-from service.api import capacity as capacity_api, errors, rest
+from service.api import capacity as capacity_api
+from service.api import errors, rest
 from service.api import referral as referral_api
-from service.capacity import install as install_capacity
-from service.referral import install as install_referral
 from service.api.deps import access_context
 from service.api.fastpath import FastPath
+from service.capacity import install as install_capacity
 from service.config import Settings, get_settings
 from service.fhir.db import create_engine
 from service.fhir.hooks import WriteHooks
 from service.fhir.store import Clock, ResourceStore, utc_now
+from service.referral import install as install_referral
 from service.security import build_policy
 from service.security import install as install_security
 from service.security.boundaries_install import install as install_boundaries

@@ -726,7 +726,6 @@ class BoundaryPolicy:
         if hidden:
             raise Forbidden(f"{_who(event.ctx)} may not reference {hidden[0][0]}/{hidden[0][1]}")
 
-
     @staticmethod
     def _targets_query(rules: _Rules, shape: tuple[tuple[str, int], ...]) -> sa.Select:
         """(type, id, visible?) of the referenced resources: ids as parameters ``i0``, ``i1`` ..."""

@@ -294,7 +294,7 @@ class ScopePolicy:
 
     def visibility_key(self, ctx: AccessContext) -> Hashable | None:
         """What :meth:`visible` depends on: the caller's scopes and its patient context."""
-        return ("scopes", tuple(ctx.scopes), ctx.patient)
+        return ("scopes", ctx.scopes, ctx.patient)  # a frozenset: equal whatever the order
 
     def visible(self, ctx: AccessContext, resource_type: str, type_col: sa.ColumnElement,
                 id_col: sa.ColumnElement) -> sa.ColumnElement | None:

@@ -11,8 +11,9 @@ Only values that the SQL layer compares as they are take part: tokens (``system|
 ``_id``), local references (``subject=Patient/1``), strings by prefix (``name=张``: the
 folded prefix and its upper bound, computed here) and ``:exact``, plus ``:missing``. Anything
 else the builder computes with (dates, numbers, ``:contains`` patterns, chains, ``_has``), a
-sort, includes, a later page or a caller with a boundary (whose clause depends on the caller)
-is built per request as before: :func:`template` answers None.
+sort, includes or a later page is built per request as before: :func:`template` answers None.
+A caller with a boundary shares statements only with callers of the same visibility
+(``AccessPolicy.visibility_key``, applied in ``execute``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from service.fhir.search.model import (
     Value,
 )
 
-_TEMPLATED_TYPES = frozenset({"token", "reference", "string", ID_TYPE})
+#: Parameter types templated, with the modifiers that may come along (None: any).
 _TEMPLATED_MODIFIERS = {"token": {None, "not"}, "reference": None, "string": {None, "exact"}, ID_TYPE: None}
 
 
@@ -66,7 +67,7 @@ def template(request: SearchRequest) -> tuple[Hashable, SearchRequest, dict[str,
             shapes.append(clause)
             clauses.append(clause)
             continue
-        if not isinstance(clause, ParamClause) or clause.type not in _TEMPLATED_TYPES:
+        if not isinstance(clause, ParamClause) or clause.type not in _TEMPLATED_MODIFIERS:
             return None
         modifiers = _TEMPLATED_MODIFIERS[clause.type]
         if modifiers is not None and clause.modifier not in modifiers:
