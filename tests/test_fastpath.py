@@ -3,6 +3,7 @@ routes would, and takes no request that belongs to another route."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -119,6 +120,17 @@ async def test_reads_answer_alike(client: httpx.AsyncClient, routed: httpx.Async
     assert fast.status_code == 404  # the last: a Patient's id is not an Observation's
 
 
+def _without_snapshot(url: str) -> str:
+    """A paging link with its cursor's snapshot sequence taken out: the background audit drain
+    may commit between the two requests, so the second search may pin a later sequence."""
+    base, _, raw = url.partition("&_cursor=")
+    if not raw:
+        return url
+    payload = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    assert isinstance(payload.pop("s"), int)
+    return base + "&_cursor=" + orjson.dumps(payload, option=orjson.OPT_SORT_KEYS).decode()
+
+
 async def test_searches_answer_alike(client: httpx.AsyncClient, routed: httpx.AsyncClient) -> None:
     for url, headers in [("/Patient?family=快", {}), ("/Patient?family=快&_summary=count", {}),
                          ("/Patient?nonsense=1", {}), ("/Patient?nonsense=1", {"Prefer": "handling=strict"}),
@@ -131,6 +143,8 @@ async def test_searches_answer_alike(client: httpx.AsyncClient, routed: httpx.As
             for bundle in (a, b):  # each answer has its own id and timestamp
                 bundle.pop("id", None)
                 bundle.pop("meta", None)
+                for link in bundle.get("link", []):
+                    link["url"] = _without_snapshot(link["url"])
             assert a == b, url
         else:
             assert fast.content == slow.content, url
