@@ -53,6 +53,23 @@ def test_a_connection_used_a_moment_ago_is_not_pinged(monkeypatch: pytest.Monkey
 
 
 
+def test_a_ping_keeps_the_connections_prepared_statements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg drops every prepared statement of a connection on ROLLBACK; a ping that rolled
+    back made PostgreSQL plan the hot statements (the boundary checks cost milliseconds to
+    plan) again after every idle second."""
+    engine = db.create_engine(URL, pool_size=1)
+    prepared = "SELECT count(*) FROM pg_prepared_statements"
+    try:
+        with engine.begin() as conn:
+            db.execute_prepared(conn, "SELECT $1::int + 1", [1])
+            assert conn.execute(sa.text(prepared)).scalar_one() == 1
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 0.0)  # the next checkout pings
+        with engine.connect() as conn:
+            assert conn.execute(sa.text(prepared)).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("request_threads", [None, 5])
 async def test_requests_run_in_at_most_as_many_threads_as_pooled_connections(
         request_threads: int | None, engine: sa.Engine, database_url: str) -> None:

@@ -62,7 +62,10 @@ def _ping_if_idle(dbapi_conn, record, _proxy) -> None:  # type: ignore[no-untype
         return
     try:
         dbapi_conn.execute("SELECT 1")
-        dbapi_conn.rollback()
+        # commit, not rollback: psycopg forgets every statement it prepared on this connection
+        # when a transaction is rolled back (DEALLOCATE ALL), and PostgreSQL would then plan
+        # them all again, five custom plans each before it settles on a generic one.
+        dbapi_conn.commit()
     except Exception as exc:
         # the pool discards this connection and checks out another (up to three times)
         raise sa.exc.DisconnectionError(str(exc)) from exc
