@@ -10,9 +10,12 @@ A run:
 3. lets the orthopaedics department reserve all of its slots (admin policy API) and publishes
    ``--slots`` slots (one transaction Bundle per 100 slots), all in the reserved pool;
 4. writes one patient with an active upward referral per client (straight into the store);
-5. warms up on a separate day, then lets ``--clients`` concurrent httpx clients book the
-   slots through ``POST /fhir/Appointment/$book`` as a grassroots clinic — each client takes
-   the next unbooked slot from a shared queue, so every slot is asked for once;
+5. warms up on a separate day, then books the slots through ``POST /fhir/Appointment/$book``
+   as a grassroots clinic at ``--clients`` concurrent connections, every slot asked for once:
+   by default with wrk (``bench/lua/book.lua``, one Lua state handing out the slots; the run
+   is timed to the last answer), or with ``--load httpx``, ``--clients`` httpx clients in this
+   process taking slots from a shared queue (that generator needs most of a core itself, so
+   on 2 cores it cannot show more than ~100 bookings/s);
 6. reports bookings/s, p50/p99 latency, and checks in the database that the bookings equal
    the slots: every slot busy with exactly one booked Appointment, no 409, no error;
 7. for comparison, lets the same clients create as many plain Appointments (no slot): the cost
@@ -32,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -53,6 +57,7 @@ REFERRAL_DIRECTION = "https://yilian.example.org/fhir/CodeSystem/referral-direct
 @dataclass
 class Result:
     database: str
+    load: str  # the load generator: wrk or httpx
     workers: int
     clients: int
     slots: int
@@ -78,10 +83,10 @@ class Result:
                  f"{self.plain_creates_per_second:.0f}/s, {self.app_cpu_ms_per_plain_create} + "
                  f"{self.db_cpu_ms_per_plain_create} ms")
         return "\n".join([
-            "| database | workers | clients | slots | bookings | bookings/s | p50 ms | p99 ms | bookings = slots "
+            "| database | load | workers | clients | slots | bookings | bookings/s | p50 ms | p99 ms | bookings = slots "
             "| CPU ms per booking (app + db) | plain create, same stack (rate, CPU ms app + db) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-            f"| {self.database} | {self.workers} | {self.clients} | {self.slots} | {self.bookings} | "
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {self.database} | {self.load} | {self.workers} | {self.clients} | {self.slots} | {self.bookings} | "
             f"{self.bookings_per_second:.0f} ({verdict}) | {self.p50_ms:.1f} | {self.p99_ms:.1f} | "
             f"{'yes' if self.check else 'NO'} | {self.app_cpu_ms_per_booking} + {self.db_cpu_ms_per_booking} | "
             f"{plain} |",
@@ -292,6 +297,40 @@ async def _load(fhir: str, slots: list[str], people: list[tuple[str, str]]) -> t
     return latencies, statuses, time.perf_counter() - began
 
 
+def _load_wrk(fhir: str, slots: list[str], people: list[tuple[str, str]], clients: int,
+              workdir: Path) -> tuple[list[float], list[int], float]:
+    """Book every slot once with wrk; ([p50, p99] latency in s, statuses, seconds to the last answer)."""
+    from bench.wrk import build_script, ensure_wrk, parse_wrk_output
+
+    plan, done = workdir / "plan.txt", workdir / "done"
+    plan.write_text("-\n" + "".join(f"Slot/{slot} {people[i % len(people)][0]} {people[i % len(people)][1]}\n"
+                            for i, slot in enumerate(slots)), encoding="utf-8")
+    done.unlink(missing_ok=True)
+    script = build_script("book", workdir)
+    limit = 300.0  # seconds; 1,000 bookings take well under a minute
+    command = [ensure_wrk(), "-t1", f"-c{clients}", f"-d{int(limit)}s", "--timeout=120s", "--latency",
+               "-s", str(script), fhir, "--", str(plan), str(done), CLINIC]
+    began = time.perf_counter()
+    wrk = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not done.exists():
+            if wrk.poll() is not None or time.perf_counter() - began > limit:
+                raise SystemExit("wrk ended before every booking was answered:\n" + (wrk.communicate()[0] or "")[-2000:])
+            time.sleep(0.005)
+        seconds = time.perf_counter() - began
+        wrk.send_signal(signal.SIGINT)  # its clock runs to -d otherwise; it prints its summary now
+        output, _ = wrk.communicate(timeout=60)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+            wrk.wait()
+    result = parse_wrk_output(output)
+    statuses = [code for code, n in result.statuses.items() for _ in range(n)]
+    if result.error_sample:
+        print("failed booking:", result.error_sample, file=sys.stderr)
+    return [result.p50_ms / 1000, result.p99_ms / 1000], statuses, seconds
+
+
 async def _plain_creates(fhir: str, count: int, people: list[tuple[str, str]]) -> float:
     """The same clients creating Appointments without a slot: what one write costs on this
     stack (security, audit, referral hooks included), to read the booking figure against."""
@@ -343,7 +382,8 @@ def _check(url: str, slots: list[str]) -> tuple[int, int]:
     return int(busy or 0), int(booked or 0)
 
 
-def run(admin_url: str, *, clients: int, slots: int, workers: int, baseline: bool = True) -> Result:
+def run(admin_url: str, *, clients: int, slots: int, workers: int, baseline: bool = True,
+        load: str = "wrk") -> Result:
     from service.capacity._fhir import CHINA
     from service.migrate import upgrade
 
@@ -362,8 +402,12 @@ def run(admin_url: str, *, clients: int, slots: int, workers: int, baseline: boo
         measured = _publish(fhir, f"bench-{uuid4().hex[:6]}", day, slots)
         people = _referred_patients(url, clients)
         asyncio.run(_load(fhir, warm, people))  # warm-up: connections, caches, JIT-free but cold pages
-        (latencies, statuses, seconds), app_cpu, db_cpu = _measure(
-            process, url, lambda: asyncio.run(_load(fhir, measured, people)))
+        if load == "wrk":
+            workdir = Path(tempfile.mkdtemp(prefix="yilian-booking-"))
+            measure = lambda: _load_wrk(fhir, measured, people, clients, workdir)  # noqa: E731
+        else:
+            measure = lambda: asyncio.run(_load(fhir, measured, people))  # noqa: E731
+        (latencies, statuses, seconds), app_cpu, db_cpu = _measure(process, url, measure)
         busy, booked = _check(url, measured)
         plain = plain_app = plain_db = None
         if baseline:
@@ -371,11 +415,12 @@ def run(admin_url: str, *, clients: int, slots: int, workers: int, baseline: boo
                                                   lambda: asyncio.run(_plain_creates(fhir, slots, people)))
         ok = statuses.count(200)
         ms = sorted(x * 1000 for x in latencies)
+        p50, p99 = (ms[0], ms[1]) if load == "wrk" else (statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.99))])
         check = ok == slots == busy == booked and len(statuses) == slots
-        return Result(database="PostgreSQL", workers=workers, clients=clients, slots=slots, bookings=ok,
+        return Result(database="PostgreSQL", load=load, workers=workers, clients=clients, slots=slots, bookings=ok,
                       conflicts=statuses.count(409), errors=len(statuses) - ok - statuses.count(409),
                       seconds=round(seconds, 3), bookings_per_second=round(slots / seconds, 1),
-                      p50_ms=round(statistics.median(ms), 1), p99_ms=round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 1),
+                      p50_ms=round(p50, 1), p99_ms=round(p99, 1),
                       busy_slots=busy, booked_appointments=booked, check=check,
                       app_cpu_ms_per_booking=round(app_cpu * 1000 / slots, 1),
                       db_cpu_ms_per_booking=round(db_cpu * 1000 / slots, 1),
@@ -397,11 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--slots", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--load", choices=("wrk", "httpx"), default="wrk",
+                        help="the load generator (wrk: installed when missing, as for make bench)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-create comparison")
     parser.add_argument("--json", action="store_true", help="print the result as JSON too")
     args = parser.parse_args(argv)
     result = run(args.postgres_url, clients=args.clients, slots=args.slots, workers=args.workers,
-                 baseline=not args.no_baseline)
+                 baseline=not args.no_baseline, load=args.load)
     print(result.table())
     if args.json:
         print(json.dumps(asdict(result), indent=2))
