@@ -143,7 +143,8 @@ def sync_resource(tx: StoreTransaction, ref: str, *, pool: str, status: str) -> 
     version, so that the change is in the resource's history. The row is always changed
     first; the hooks then see a resource that agrees with its row and do nothing."""
     resource_type, resource_id = split_ref(ref)
-    current = tx.current_content(resource_type, resource_id)
+    state = tx.locked_state(resource_type, resource_id)  # usually locked already, by locked_row
+    current = state.content if state is not None else None
     if current is None:
         return
     wanted_status = SLOT_STATUS_OUT.get(status) if resource_type == "Slot" else None
@@ -155,7 +156,7 @@ def sync_resource(tx: StoreTransaction, ref: str, *, pool: str, status: str) -> 
         resource["status"] = wanted_status
     token = _syncing.set(ref)
     try:
-        tx.as_system("capacity").update(resource_type, resource_id, resource)
+        tx.as_system("capacity").update(resource_type, resource_id, resource, known=state)
     finally:
         _syncing.reset(token)
 

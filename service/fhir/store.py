@@ -88,6 +88,14 @@ class WriteResult:
 
 
 @dataclass(frozen=True)
+class CurrentState:
+    """A resource's current version as read under its row lock (:meth:`StoreTransaction.locked_state`)."""
+    version_id: int
+    deleted: bool
+    content: dict[str, Any] | None  # None when the current version is a deletion
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     resource: StoredResource
     method: str  # POST | PUT | PATCH | DELETE
@@ -115,6 +123,10 @@ _READ_PG = ("SELECT r.version_id, r.last_updated, r.seq, v.content::text FROM re
 _BOUNDED_READS: StatementCache[sa.Select | None] = StatementCache(1024)
 _CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
                     .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
+_LOCKED_STATE = (sa.select(R.c.version_id, R.c.deleted, _json_text(V.c.content))
+                 .select_from(R.join(V, V.c.seq == R.c.seq))
+                 .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
+_LOCKED_STATE_PG = _LOCKED_STATE.with_for_update(of=R)
 
 
 _REF = tables.ReferenceIndex.__table__
@@ -273,6 +285,17 @@ class StoreTransaction:
         row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
         return None if row is None else (row[0], row[1])
 
+    def locked_state(self, resource_type: str, resource_id: str) -> CurrentState | None:
+        """The current version, number and content, with the resource row locked (PostgreSQL;
+        SQLite write transactions are serial anyway): one statement where :meth:`update`
+        takes two. Pass it to :meth:`update` as ``known`` to write the next version of what
+        was read."""
+        query = _LOCKED_STATE_PG if self._postgres else _LOCKED_STATE
+        row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
+        if row is None:
+            return None
+        return CurrentState(row[0], row[1], None if row[1] or row[2] is None else orjson.loads(row[2]))
+
     def current_content(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The current JSON (None when absent or deleted), for hooks and write checks."""
         text = self.conn.execute(_CURRENT_CONTENT, {"t": resource_type, "i": resource_id}).scalar()
@@ -354,16 +377,24 @@ class StoreTransaction:
         return stored
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *,
-               if_match: int | None = None, method: str = "PUT") -> WriteResult:
+               if_match: int | None = None, method: str = "PUT", known: CurrentState | None = None) -> WriteResult:
+        """Write the next version (or the first, for a PUT to a new id). ``known``: the current
+        state this transaction read with :meth:`locked_state`, instead of reading it again."""
         _check_body_matches(resource, resource_type, resource_id)
         self.authorize("patch" if method == "PATCH" else "update", resource_type)
-        current = self.current_version(resource_type, resource_id, lock=True)
+        if known is not None:
+            current: tuple[int, bool] | None = (known.version_id, known.deleted)
+        else:
+            current = self.current_version(resource_type, resource_id, lock=True)
         if if_match is not None and (current is None or current[0] != if_match or current[1]):
             found = "does not exist" if current is None else f"is at version {current[0]}"
             raise PreconditionFailed(
                 f"If-Match expected version {if_match} of {resource_type}/{resource_id}, but it {found}"
             )
-        previous = None if current is None or current[1] else self.current_content(resource_type, resource_id)
+        if known is not None:
+            previous = known.content
+        else:
+            previous = None if current is None or current[1] else self.current_content(resource_type, resource_id)
         event = self._before_write(resource_type, resource_id, method, resource, previous)
         if current is None:
             stored = self._store_new_if_absent(resource, resource_type, resource_id, method=method)
