@@ -88,3 +88,22 @@ async def test_requests_run_in_at_most_as_many_threads_as_pooled_connections(
             assert limit != 40  # anyio's default
     finally:
         app.state.audit_queue.close()
+
+
+def test_a_failed_write_keeps_the_connections_prepared_statements() -> None:
+    """A refused write rolls back; psycopg's own rollback would also forget (DEALLOCATE ALL)
+    every prepared statement of the connection, and PostgreSQL would plan them all again."""
+    engine = db.create_engine(URL, pool_size=1)
+    prepared = "SELECT count(*) FROM pg_prepared_statements"
+    try:
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            assert db.execute_prepared(conn, "SELECT $1::int + 1", [1]) == [(2,)]
+            raise RuntimeError("refused")  # the transaction rolls back
+        with pytest.raises(sa.exc.DBAPIError), engine.begin() as conn:
+            conn.execute(sa.text("SELECT 1 / 0"))  # an error inside the transaction, then ROLLBACK
+        with engine.begin() as conn:
+            assert conn.execute(sa.text(prepared)).scalar_one() == 1
+            assert db.execute_prepared(conn, "SELECT $1::int + 1", [41]) == [(42,)]  # still usable
+            assert conn.execute(sa.text(prepared)).scalar_one() == 1  # and not prepared twice
+    finally:
+        engine.dispose()
