@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -389,6 +390,7 @@ def run(admin_url: str, *, clients: int, slots: int, workers: int, baseline: boo
 
     url, admin = _create_database(admin_url)
     process = None
+    workdir = Path(tempfile.mkdtemp(prefix="yilian-booking-"))  # wrk's plan and script
     try:
         upgrade(url)
         _load_alliance(url)
@@ -406,15 +408,13 @@ def run(admin_url: str, *, clients: int, slots: int, workers: int, baseline: boo
         # generic plan, and the boundary checks cost milliseconds to plan: with ~50 pooled
         # connections a short warm-up leaves that start-up cost in the measured run.
         if load == "wrk":
-            _load_wrk(fhir, warm, people, clients, Path(tempfile.mkdtemp(prefix="yilian-booking-")))
+            def measure(units: list[str]) -> tuple[list[float], list[int], float]:
+                return _load_wrk(fhir, units, people, clients, workdir)
         else:
-            asyncio.run(_load(fhir, warm, people))
-        if load == "wrk":
-            workdir = Path(tempfile.mkdtemp(prefix="yilian-booking-"))
-            measure = lambda: _load_wrk(fhir, measured, people, clients, workdir)  # noqa: E731
-        else:
-            measure = lambda: asyncio.run(_load(fhir, measured, people))  # noqa: E731
-        (latencies, statuses, seconds), app_cpu, db_cpu = _measure(process, url, measure)
+            def measure(units: list[str]) -> tuple[list[float], list[int], float]:
+                return asyncio.run(_load(fhir, units, people))
+        measure(warm)
+        (latencies, statuses, seconds), app_cpu, db_cpu = _measure(process, url, lambda: measure(measured))
         busy, booked = _check(url, measured)
         plain = plain_app = plain_db = None
         if baseline:
@@ -437,6 +437,7 @@ def run(admin_url: str, *, clients: int, slots: int, workers: int, baseline: boo
     finally:
         if process is not None:
             _stop(process)
+        shutil.rmtree(workdir, ignore_errors=True)
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
         admin.dispose()
