@@ -1,13 +1,17 @@
 """The pure parts of the benchmark harness (bench/): data generation, wrk output parsing,
-the result table. Nothing here starts a server or runs wrk, and nothing is timed."""
+the result table, waiting for the audit queue (on a SQLite file). Nothing here starts a
+server or runs wrk, and nothing is timed."""
 
 from __future__ import annotations
 
 import random
 import re
+import threading
+from pathlib import Path
 
 import orjson
 import pytest
+import sqlalchemy as sa
 
 from bench import cpu, data
 from bench.run import (
@@ -18,10 +22,13 @@ from bench.run import (
     format_table,
     make_dataset,
     parse_args,
+    wait_for_audit_queue,
 )
 from bench.wrk import LUA_DIR, WrkError, WrkResult, parse_wrk_output
 from service.demo.resident_id import birth_date_of, is_valid, sex_of
+from service.fhir.db import create_engine
 from service.fhir.validation import validate_resource
+from service.migrate import upgrade
 
 # Captured from wrk 4.1.0 (Debian) running bench/lua/stats.lua + get.lua against a server that
 # answered half the paths with 404.
@@ -278,15 +285,7 @@ def test_the_table_shows_the_rate_counting_the_audit_drain_after_wrk_stopped() -
     assert rows["| read: GET"].rstrip().endswith("| – | – |")
 
 
-def test_waiting_for_the_audit_queue_ends_when_the_server_has_drained_it(tmp_path) -> None:
-    import threading
-
-    import sqlalchemy as sa
-
-    from bench.run import wait_for_audit_queue
-    from service.fhir.db import create_engine
-    from service.migrate import upgrade
-
+def test_waiting_for_the_audit_queue_ends_when_the_server_has_drained_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'bench.db'}"
     upgrade(url)
     engine = create_engine(url)
