@@ -286,10 +286,10 @@ class StoreTransaction:
         return None if row is None else (row[0], row[1])
 
     def locked_state(self, resource_type: str, resource_id: str) -> CurrentState | None:
-        """The current version, number and content, with the resource row locked (PostgreSQL;
-        SQLite write transactions are serial anyway): one statement where :meth:`update`
-        takes two. Pass it to :meth:`update` as ``known`` to write the next version of what
-        was read."""
+        """The current version, number and content, in one statement, with the resource row
+        locked (PostgreSQL; SQLite write transactions are serial anyway): what :meth:`update`
+        starts from. A caller that needs it before deciding what to write passes it to
+        :meth:`update` as ``known``."""
         query = _LOCKED_STATE_PG if self._postgres else _LOCKED_STATE
         row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
         if row is None:
@@ -379,32 +379,27 @@ class StoreTransaction:
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *,
                if_match: int | None = None, method: str = "PUT", known: CurrentState | None = None) -> WriteResult:
         """Write the next version (or the first, for a PUT to a new id). ``known``: the current
-        state this transaction read with :meth:`locked_state`, instead of reading it again."""
+        state this transaction read with :meth:`locked_state` already, not to be read again."""
         _check_body_matches(resource, resource_type, resource_id)
         self.authorize("patch" if method == "PATCH" else "update", resource_type)
-        if known is not None:
-            current: tuple[int, bool] | None = (known.version_id, known.deleted)
-        else:
-            current = self.current_version(resource_type, resource_id, lock=True)
-        if if_match is not None and (current is None or current[0] != if_match or current[1]):
-            found = "does not exist" if current is None else f"is at version {current[0]}"
+        current = known if known is not None else self.locked_state(resource_type, resource_id)
+        if if_match is not None and (current is None or current.version_id != if_match or current.deleted):
+            found = "does not exist" if current is None else f"is at version {current.version_id}"
             raise PreconditionFailed(
                 f"If-Match expected version {if_match} of {resource_type}/{resource_id}, but it {found}"
             )
-        if known is not None:
-            previous = known.content
-        else:
-            previous = None if current is None or current[1] else self.current_content(resource_type, resource_id)
-        event = self._before_write(resource_type, resource_id, method, resource, previous)
+        event = self._before_write(resource_type, resource_id, method, resource,
+                                   None if current is None else current.content)
         if current is None:
             stored = self._store_new_if_absent(resource, resource_type, resource_id, method=method)
             if stored is None:  # another transaction created the same id after our check: update it
                 return self.update(resource_type, resource_id, resource, if_match=if_match, method=method)
             self._after_write(event)
             return WriteResult(stored, created=True)
-        stored = self._store_next(resource, resource_type, resource_id, expected_version=current[0], method=method)
+        stored = self._store_next(resource, resource_type, resource_id, expected_version=current.version_id,
+                                  method=method)
         self._after_write(event)
-        return WriteResult(stored, created=current[1])
+        return WriteResult(stored, created=current.deleted)
 
     def delete(self, resource_type: str, resource_id: str) -> StoredResource | None:
         """Delete; returns the deletion version, or None when there was nothing to delete."""
