@@ -54,7 +54,7 @@ def _sql_type(column: sa.Column) -> str:
 
 @functools.cache
 def _index_columns(table: sa.Table) -> tuple[sa.Column, ...]:
-    return tuple(c for c in table.columns if c.name != "pk")
+    return tuple(table.columns)
 
 
 def _insert_index_rows(table: sa.Table, document: str, where: str = "") -> str:

@@ -57,6 +57,13 @@ class ResourceVersion(SQLModel, table=True):
 
 
 
+#: Index tables have no primary key: nothing ever addresses one row, a resource's rows are
+#: found and replaced through its owner index, and a surrogate key would cost every row
+#: written a sequence step and an entry in one more b-tree. (The ORM wants a key to map a
+#: class; it is told to use the owner's columns and never writes through the mapping.)
+_NO_KEY = {"primary_key": ["resource_type", "resource_id", "param"]}
+
+
 class TokenIndex(SQLModel, table=True):
     """token parameters: Identifier, Coding, CodeableConcept, code, boolean, ContactPoint."""
 
@@ -66,7 +73,8 @@ class TokenIndex(SQLModel, table=True):
         sa.Index("ix_token_owner", "resource_type", "resource_id"),
     )
 
-    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    __mapper_args__ = _NO_KEY
+
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     param: str = Field(max_length=100)
@@ -84,7 +92,8 @@ class StringIndex(SQLModel, table=True):
         sa.Index("ix_string_owner", "resource_type", "resource_id"),
     )
 
-    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    __mapper_args__ = _NO_KEY
+
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     param: str = Field(max_length=100)
@@ -102,7 +111,8 @@ class DateIndex(SQLModel, table=True):
         sa.Index("ix_date_owner", "resource_type", "resource_id"),
     )
 
-    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    __mapper_args__ = _NO_KEY
+
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     param: str = Field(max_length=100)
@@ -120,7 +130,8 @@ class ReferenceIndex(SQLModel, table=True):
         sa.Index("ix_reference_owner", "resource_type", "resource_id"),
     )
 
-    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    __mapper_args__ = _NO_KEY
+
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     param: str = Field(max_length=100)
@@ -138,7 +149,8 @@ class NumberIndex(SQLModel, table=True):
         sa.Index("ix_number_owner", "resource_type", "resource_id"),
     )
 
-    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    __mapper_args__ = _NO_KEY
+
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     param: str = Field(max_length=100)
@@ -154,7 +166,8 @@ class QuantityIndex(SQLModel, table=True):
         sa.Index("ix_quantity_owner", "resource_type", "resource_id"),
     )
 
-    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    __mapper_args__ = _NO_KEY
+
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     param: str = Field(max_length=100)
@@ -172,7 +185,8 @@ class UriIndex(SQLModel, table=True):
         sa.Index("ix_uri_owner", "resource_type", "resource_id"),
     )
 
-    pk: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True, autoincrement=True))
+    __mapper_args__ = _NO_KEY
+
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     param: str = Field(max_length=100)

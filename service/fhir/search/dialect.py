@@ -42,10 +42,7 @@ class Dialect:
         name = conn.dialect.name
         if name != "postgresql":
             return cls(name)
-        # Probe rather than read datcollate: an ICU database reports 'C.UTF-8' there too.
-        # Code-point order puts upper case before lower case and accented letters after 'z'.
-        codepoint = conn.execute(sa.text("SELECT 'B' < 'a' AND 'é' > 'z' AND 'Z' < 'a'")).scalar()
-        return cls(name, needs_c_collation=not codepoint)
+        return cls(name, needs_c_collation=not codepoint_ordered(conn))
 
     def json_text(self, column: sa.ColumnElement) -> sa.ColumnElement:
         return sa.cast(column, sa.Text)
@@ -72,6 +69,16 @@ class Dialect:
         if fragment == "":
             return column.is_not(None)
         return column.contains(fragment, autoescape=True)
+
+
+def codepoint_ordered(conn: sa.Connection) -> bool:
+    """Whether the database's default collation compares text in code-point order (SQLite's
+    BINARY, PostgreSQL's C and C.UTF-8). Probed rather than read from ``datcollate``: an ICU
+    database reports 'C.UTF-8' there too. Code-point order puts upper case before lower case
+    and accented letters after 'z'."""
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool(conn.execute(sa.text("SELECT 'B' < 'a' AND 'é' > 'z' AND 'Z' < 'a'")).scalar())
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
