@@ -50,16 +50,19 @@ class WriteHooks:
         self._before: dict[str, list[WriteHook]] = defaultdict(list)
         self._after: dict[str, list[WriteHook]] = defaultdict(list)
         self._reads_store: set[str] = set()
+        self._wanted: set[str] = set()  # types with a hook of their own, ANY_TYPE included
 
     def before(self, resource_type: str, hook: WriteHook, *, pure: bool = False) -> None:
         """``pure=True`` promises the hook looks only at the resource itself (a format check),
         never at other stored resources, so a Bundle may run it before writing its entries."""
         self._before[resource_type].append(hook)
+        self._wanted.add(resource_type)
         if not pure:
             self._reads_store.add(resource_type)
 
     def after(self, resource_type: str, hook: WriteHook) -> None:
         self._after[resource_type].append(hook)
+        self._wanted.add(resource_type)
 
     def in_order(self, resource_type: str) -> bool:
         """Whether writes of this type must run one by one, in Bundle order: its own hooks read
@@ -68,7 +71,8 @@ class WriteHooks:
         return resource_type in self._reads_store or resource_type in self._after
 
     def wants(self, resource_type: str) -> bool:
-        return any(key in hooks for hooks in (self._before, self._after) for key in (resource_type, ANY_TYPE))
+        """Whether any hook runs for a write of this type (asked on every write)."""
+        return ANY_TYPE in self._wanted or resource_type in self._wanted
 
     def run_before(self, event: WriteEvent) -> None:
         for hook in (*self._before.get(event.resource_type, ()), *self._before.get(ANY_TYPE, ())):
