@@ -437,3 +437,55 @@ async def test_r20_report_counts_published_reserved_booked_released_and_expired(
              if d["department"] == "HealthcareService/hcs-yq1-rehabilitation"]
     assert rehab and rehab[0]["published"] == 8
     assert (await http.get(f"{ADMIN}/report", params={"organization": HOSPITAL, "date": "tomorrow"})).status_code == 400
+
+
+# -- the fast path (service/api/fastpath.py) -----------------------------------------------------
+
+async def test_hold_and_book_answer_alike_with_and_without_the_fast_path(http, capacity_app, engine, clock) -> None:
+    """$hold and $book skip FastAPI's router (a clinic's rush is mostly bookings): every answer,
+    success or refusal, is what the routed operation gives for the same request."""
+    import httpx
+
+    from service.api.fastpath import FastPath
+    from service.app import create_app
+    from service.config import Settings
+    from tests.test_capacity_support import BASE
+
+    routed_app = create_app(Settings(database_url=str(engine.url.render_as_string(hide_password=False)),
+                                     base_url=BASE, auth="off"), engine=engine, clock=clock)
+    routed_app.user_middleware = [m for m in routed_app.user_middleware if m.cls is not FastPath]
+    assert any(m.cls is FastPath for m in capacity_app.user_middleware)
+    _, slots = await publish_day(http, 10)  # reserved: 0, 4, 8
+    patient, referral = await referred_patient(http, engine)
+
+    def comparable(response: httpx.Response) -> tuple:
+        body = response.json()
+        for key in ("id", "meta", "slot", "start", "end", "created"):
+            body.pop(key, None)
+        headers = {h: response.headers.get(h) is not None for h in ("etag", "location", "last-modified")}
+        return response.status_code, response.headers.get("content-type"), headers, body
+
+    transport = httpx.ASGITransport(app=routed_app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE,
+                                     headers={"Accept": "application/fhir+json"}) as routed:
+            requests = [  # (headers, Parameters for the fast path, Parameters for the routed twin)
+                ("$book", clinic(), parameters(slot=f"Slot/{slots[0]}", patient=patient, referral=referral),
+                 parameters(slot=f"Slot/{slots[4]}", patient=patient, referral=referral)),
+                ("$book", clinic(), parameters(slot=f"Slot/{slots[0]}", patient=patient, referral=referral),
+                 parameters(slot=f"Slot/{slots[0]}", patient=patient, referral=referral)),  # 409 for both
+                ("$book", {}, parameters(slot=f"Slot/{slots[8]}", patient=patient),
+                 parameters(slot=f"Slot/{slots[8]}", patient=patient)),  # public caller, reserved slot: 403
+                ("$hold", clinic(), parameters(slot=f"Slot/{slots[1]}", patient=patient),
+                 parameters(slot=f"Slot/{slots[2]}", patient=patient)),
+                ("$book", clinic(), parameters(patient=patient), parameters(patient=patient)),  # 400
+            ]
+            statuses = []
+            for operation, headers, fast_body, routed_body in requests:
+                fast = await http.post(f"/Appointment/{operation}", headers=headers, json=fast_body)
+                twin = await routed.post(f"/Appointment/{operation}", headers=headers, json=routed_body)
+                assert comparable(fast) == comparable(twin), (operation, fast.text, twin.text)
+                statuses.append(fast.status_code)
+            assert statuses == [200, 409, 403, 200, 400]
+    finally:
+        routed_app.state.audit_queue.close()

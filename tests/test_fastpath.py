@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
-from service.api import rest
+from service.api import capacity, rest
 from service.api.fastpath import FastPath
 from service.app import create_app
 from service.config import Settings
@@ -52,20 +52,25 @@ def _scope(method: str, path: str) -> dict[str, Any]:
     return {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"", "headers": []}
 
 
-def test_the_fast_path_takes_read_search_and_create_only() -> None:
+def test_the_fast_path_takes_read_search_create_hold_and_book_only() -> None:
     fast = FastPath(app=None)  # type: ignore[arg-type]  # matching only
     endpoints = {
-        ("GET", "/fhir/Patient/p-1.a"): rest.read,
-        ("GET", "/fhir/Patient"): rest.search_type,
-        ("POST", "/fhir/Patient"): rest.create,
+        ("GET", "/fhir/Patient/p-1.a"): (rest.read, {"resource_type": "Patient", "resource_id": "p-1.a"}),
+        ("GET", "/fhir/Patient"): (rest.search_type, {"resource_type": "Patient"}),
+        ("POST", "/fhir/Patient"): (rest.create, {"resource_type": "Patient"}),
+        ("POST", "/fhir/Appointment/$hold"): (capacity.hold, {}),
+        ("POST", "/fhir/Appointment/$book"): (capacity.book, {}),
     }
-    for (method, path), endpoint in endpoints.items():
+    for (method, path), (endpoint, path_params) in endpoints.items():
         scope = _scope(method, path)
         assert fast._match(scope) is not None, (method, path)
         assert scope["endpoint"] is endpoint
-        assert scope["path_params"]["resource_type"] == "Patient"
+        assert scope["path_params"] == path_params
     for method, path in [("GET", "/fhir/Patient/_history"), ("GET", "/fhir/Patient/p1/_history"),
-                         ("GET", "/fhir/Appointment/$find"), ("POST", "/fhir/Patient/_search"),
+                         ("GET", "/fhir/Appointment/$find"), ("POST", "/fhir/Appointment/$find"),
+                         ("POST", "/fhir/Appointment/$cancel"), ("POST", "/fhir/Appointment/a1/$cancel"),
+                         ("GET", "/fhir/Appointment/$book"), ("POST", "/fhir/Slot/$book"),
+                         ("POST", "/fhir/Patient/_search"),
                          ("PUT", "/fhir/Patient/p1"), ("DELETE", "/fhir/Patient"), ("GET", "/fhir/NotAType/x"),
                          ("GET", "/fhir/Patient/"), ("GET", "/fhir/Patient/" + "x" * 65), ("GET", "/fhir/metadata"),
                          ("POST", "/fhir"), ("GET", "/bench/floor/Patient/p1"), ("GET", "/fhirPatient")]:
@@ -74,10 +79,11 @@ def test_the_fast_path_takes_read_search_and_create_only() -> None:
 
 def test_no_other_route_claims_a_shape_the_fast_path_takes(app: FastAPI) -> None:
     """Every path of the OpenAPI document, its parameters filled with plausible values: only
-    the three REST routes may be matched by the fast path (which would otherwise shadow them)."""
+    the routes it takes over may be matched by the fast path (which would otherwise shadow them)."""
     fast = FastPath(app=None)  # type: ignore[arg-type]
     taken_by_design = {("get", "/fhir/{resource_type}"), ("post", "/fhir/{resource_type}"),
-                       ("get", "/fhir/{resource_type}/{resource_id}")}
+                       ("get", "/fhir/{resource_type}/{resource_id}"),
+                       ("post", "/fhir/Appointment/$hold"), ("post", "/fhir/Appointment/$book")}
     checked = 0
     for template, operations in app.openapi()["paths"].items():
         for method in operations:
