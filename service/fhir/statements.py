@@ -9,8 +9,13 @@ boundary), it is built once and kept here, under that key.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Generic, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+from service.fhir.db import execute_prepared
 
 T = TypeVar("T")
 
@@ -44,3 +49,56 @@ class StatementCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+#: PostgreSQL's own placeholders ($1, $2 ...): what psycopg sends as they are.
+_NUMERIC_DOLLAR = PGDialect_psycopg(paramstyle="numeric_dollar")
+
+
+class Prepared:
+    """A Core statement built once and run, on PostgreSQL, as a prepared statement past
+    SQLAlchemy's execution machinery.
+
+    Executing even a cached statement through SQLAlchemy derives its cache key by walking the
+    whole statement, processes the parameters and builds a result object on every call: for a
+    primary-key look-up that is more CPU than PostgreSQL spends, and a booking runs a dozen of
+    them (for a boundary check with twenty joins, the walk alone is most of it). Here the
+    statement is compiled once to ``$n`` placeholders, and psycopg runs it as a prepared
+    statement (``execute_prepared``); on SQLite it goes through SQLAlchemy as always.
+
+    Rows come back as tuples (``mapping`` gives the first as a dict by column key). For
+    statements whose parameters are plain values: no expanding ``IN`` lists, no JSON.
+    """
+
+    def __init__(self, statement: sa.Executable) -> None:
+        self.statement = statement
+        self.keys: tuple[str, ...] = tuple(statement.exported_columns.keys())  # type: ignore[attr-defined]
+        self._compiled: tuple[str, tuple[str, ...], dict[str, Any]] | None = None
+
+    def _postgres(self) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        if self._compiled is None:
+            compiled = self.statement.compile(dialect=_NUMERIC_DOLLAR)
+            names = tuple(compiled.positiontup or ())
+            fixed = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
+            self._compiled = (compiled.string, names, fixed)
+        return self._compiled
+
+    def rows(self, conn: sa.Connection, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        values = params or {}
+        if conn.dialect.name != "postgresql":
+            result = conn.execute(self.statement, dict(values))
+            return [tuple(row) for row in result] if result.returns_rows else []
+        sql, names, fixed = self._postgres()
+        return execute_prepared(conn, sql, [values[name] if name in values else fixed[name] for name in names])
+
+    def first(self, conn: sa.Connection, params: Mapping[str, Any] | None = None) -> tuple[Any, ...] | None:
+        found = self.rows(conn, params)
+        return found[0] if found else None
+
+    def scalar(self, conn: sa.Connection, params: Mapping[str, Any] | None = None) -> Any:
+        row = self.first(conn, params)
+        return None if row is None else row[0]
+
+    def mapping(self, conn: sa.Connection, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        row = self.first(conn, params)
+        return None if row is None else dict(zip(self.keys, row, strict=True))

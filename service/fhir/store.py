@@ -31,7 +31,7 @@ from service.fhir.db import execute_prepared, is_postgres, read_transaction, wri
 from service.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable
 from service.fhir.hooks import AccessPolicy, OpenPolicy, WriteEvent, WriteHooks
 from service.fhir.indexing import IndexRows, index_resource
-from service.fhir.statements import StatementCache
+from service.fhir.statements import Prepared, StatementCache
 from service.fhir.validation import validate_resource
 
 Clock = Callable[[], datetime]
@@ -121,19 +121,20 @@ _READ_PG = ("SELECT r.version_id, r.last_updated, r.seq, v.content::text FROM re
             " JOIN resource_version v ON v.seq = r.seq WHERE r.resource_type = $1 AND r.id = $2")
 #: Read statements under a caller's boundary, by (visibility key, type, PostgreSQL?).
 _BOUNDED_READS: StatementCache[sa.Select | None] = StatementCache(1024)
-_CURRENT_CONTENT = (sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
-                    .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
-_LOCKED_STATE = (sa.select(R.c.version_id, R.c.deleted, _json_text(V.c.content))
-                 .select_from(R.join(V, V.c.seq == R.c.seq))
-                 .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
-_LOCKED_STATE_PG = _LOCKED_STATE.with_for_update(of=R)
+_CURRENT_CONTENT = Prepared(sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
+                            .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
+_LOCKED_STATE_SELECT = (sa.select(R.c.version_id, R.c.deleted, _json_text(V.c.content))
+                        .select_from(R.join(V, V.c.seq == R.c.seq))
+                        .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
+_LOCKED_STATE = Prepared(_LOCKED_STATE_SELECT)
+_LOCKED_STATE_PG = Prepared(_LOCKED_STATE_SELECT.with_for_update(of=R))
 
 
 _REF = tables.ReferenceIndex.__table__
-_REFERRERS = (sa.select(_REF.c.resource_id).distinct()
-              .where(_REF.c.resource_type == sa.bindparam("t"), _REF.c.param == sa.bindparam("p"),
-                     _REF.c.target_id == sa.bindparam("ti"), _REF.c.target_type == sa.bindparam("tt"))
-              .order_by(_REF.c.resource_id).limit(sa.bindparam("n")))
+_REFERRERS = Prepared(sa.select(_REF.c.resource_id).distinct()
+                      .where(_REF.c.resource_type == sa.bindparam("t"), _REF.c.param == sa.bindparam("p"),
+                             _REF.c.target_id == sa.bindparam("ti"), _REF.c.target_type == sa.bindparam("tt"))
+                      .order_by(_REF.c.resource_id).limit(sa.bindparam("n")))
 
 
 def _utc(moment: datetime) -> datetime:
@@ -291,14 +292,14 @@ class StoreTransaction:
         starts from. A caller that needs it before deciding what to write passes it to
         :meth:`update` as ``known``."""
         query = _LOCKED_STATE_PG if self._postgres else _LOCKED_STATE
-        row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
+        row = query.first(self.conn, {"t": resource_type, "i": resource_id})
         if row is None:
             return None
         return CurrentState(row[0], row[1], None if row[1] or row[2] is None else orjson.loads(row[2]))
 
     def current_content(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The current JSON (None when absent or deleted), for hooks and write checks."""
-        text = self.conn.execute(_CURRENT_CONTENT, {"t": resource_type, "i": resource_id}).scalar()
+        text = _CURRENT_CONTENT.scalar(self.conn, {"t": resource_type, "i": resource_id})
         return None if text is None else orjson.loads(text)
 
     def reference_content(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
@@ -308,8 +309,7 @@ class StoreTransaction:
         resource in this transaction forgets the remembered copy."""
         key = (resource_type, resource_id)
         if key not in self._reference_cache:
-            self._reference_cache[key] = self.conn.execute(
-                _CURRENT_CONTENT, {"t": resource_type, "i": resource_id}).scalar()
+            self._reference_cache[key] = _CURRENT_CONTENT.scalar(self.conn, {"t": resource_type, "i": resource_id})
         text = self._reference_cache[key]
         return None if text is None else orjson.loads(text)
 
@@ -326,8 +326,9 @@ class StoreTransaction:
         follow-ups (the Task of a referral), never for what a caller is shown — that is
         :meth:`find`, which applies the caller's boundary."""
         target_type, _, target_id = target.partition("/")
-        return list(self.conn.execute(_REFERRERS, {"t": resource_type, "p": param, "tt": target_type,
-                                                   "ti": target_id, "n": limit}).scalars())
+        rows = _REFERRERS.rows(self.conn, {"t": resource_type, "p": param, "tt": target_type, "ti": target_id,
+                                           "n": limit})
+        return [row[0] for row in rows]
 
     def find(self, resource_type: str, query: str, *, limit: int = 2) -> list[str]:
         from service.fhir.search import find_matches
