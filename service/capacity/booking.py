@@ -65,6 +65,7 @@ from service.fhir.errors import (
     Unprocessable,
 )
 from service.fhir.hooks import WriteEvent
+from service.fhir.statements import Prepared
 from service.fhir.store import (
     ResourceStore,
     StoredResource,
@@ -235,9 +236,8 @@ def claim(tx: StoreTransaction, ref: str, appointment_id: str, want: str, who: A
     if want == HELD:
         policy = effective_policy(tx.conn, scopes_for(row.alliance, row.organization, row.department))
         held_until = now + policy.hold_ttl
-    taken = tx.conn.execute(_CLAIM, {"c_ref": ref, "c_pool": row.pool, "c_status": want, "c_appointment": appointment_id,
-                                     "c_held_until": held_until, "c_booked_by": caller.booked_by,
-                                     "c_now": now}).first()
+    taken = _CLAIM.first(tx.conn, {"c_ref": ref, "c_pool": row.pool, "c_status": want, "c_appointment": appointment_id,
+                                   "c_held_until": held_until, "c_booked_by": caller.booked_by, "c_now": now})
     if taken is None:
         raise Conflict(f"{ref} was just taken by another booking; find another slot")
     record(tx, ref, "held" if want == HELD else "booked", pool=row.pool, row=row, appointment_id=appointment_id,
@@ -246,15 +246,17 @@ def claim(tx: StoreTransaction, ref: str, appointment_id: str, want: str, who: A
     return row.pool
 
 
-# The claim itself, built once (constructing the statement cost more than running it): the
-# row changes only while it is still free in the pool the caller was allowed to book from.
-_CLAIM = (SLOTS.update()
-          .where(SLOTS.c.ref == sa.bindparam("c_ref"), SLOTS.c.status == FREE, SLOTS.c.pool == sa.bindparam("c_pool"))
-          .values(status=sa.bindparam("c_status"), appointment_id=sa.bindparam("c_appointment"),
-                  held_until=sa.bindparam("c_held_until"), booked_pool=sa.bindparam("c_pool"),
-                  booked_by=sa.bindparam("c_booked_by"), version=SLOTS.c.version + 1,
-                  updated_at=sa.bindparam("c_now"))
-          .returning(SLOTS.c.ref))
+# The claim itself, built once and prepared (constructing and executing the statement through
+# SQLAlchemy cost more than running it): the row changes only while it is still free in the
+# pool the caller was allowed to book from.
+_CLAIM = Prepared(SLOTS.update()
+                  .where(SLOTS.c.ref == sa.bindparam("c_ref"), SLOTS.c.status == FREE,
+                         SLOTS.c.pool == sa.bindparam("c_pool"))
+                  .values(status=sa.bindparam("c_status"), appointment_id=sa.bindparam("c_appointment"),
+                          held_until=sa.bindparam("c_held_until"), booked_pool=sa.bindparam("c_pool"),
+                          booked_by=sa.bindparam("c_booked_by"), version=SLOTS.c.version + 1,
+                          updated_at=sa.bindparam("c_now"))
+                  .returning(SLOTS.c.ref))
 
 
 def _promote(tx: StoreTransaction, row: Row, appointment_id: str, want: str, now: datetime) -> str:
@@ -474,7 +476,7 @@ class Params:
         return copy.deepcopy(value)
 
 
-_UNIT_ROW = sa.select(SLOTS).where(SLOTS.c.ref == sa.bindparam("u_ref"))  # built once, like _CLAIM
+_UNIT_ROW = Prepared(sa.select(SLOTS).where(SLOTS.c.ref == sa.bindparam("u_ref")))  # like _CLAIM
 
 
 def _new_appointment(tx: StoreTransaction, params: Params, status: str) -> dict[str, Any]:
@@ -491,7 +493,7 @@ def _new_appointment(tx: StoreTransaction, params: Params, status: str) -> dict[
     if unit is None or patient is None:
         raise BadRequest("give an appointment (from $find), or a slot (or bed) and a patient",
                          expression="Parameters.parameter")
-    row = tx.conn.execute(_UNIT_ROW, {"u_ref": unit}).mappings().first()
+    row = _UNIT_ROW.mapping(tx.conn, {"u_ref": unit})
     if row is None:
         raise NotFound(f"{unit} is not published capacity")
     referral = params.reference("referral")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -51,6 +52,7 @@ from service.capacity.policy import Policy, default_policy, effective_policy, sc
 from service.capacity.tables import EVENTS, SLOTS
 from service.fhir.errors import Conflict, Unprocessable
 from service.fhir.hooks import WriteEvent
+from service.fhir.statements import Prepared
 from service.fhir.store import StoreTransaction
 from service.fhir.tables import ResourceRow
 
@@ -114,8 +116,8 @@ class Row:
 _ROW_COLUMNS = [SLOTS.c[name] for name in Row.__dataclass_fields__]
 
 
-def _row(values: Any) -> Row:
-    data = dict(values._mapping)
+def _row(values: Mapping[str, Any]) -> Row:
+    data = dict(values)
     for key in ("start", "opens_at", "release_at", "released_at"):
         if data[key] is not None:
             data[key] = utc(data[key])
@@ -124,15 +126,16 @@ def _row(values: Any) -> Row:
 
 def get_row(conn: sa.Connection, ref: str) -> Row | None:
     found = conn.execute(sa.select(*_ROW_COLUMNS).where(SLOTS.c.ref == ref)).first()
-    return None if found is None else _row(found)
+    return None if found is None else _row(found._mapping)
 
 
-_INSERT_EVENT = EVENTS.insert()
+_EVENT_COLUMNS = ("ref", "event", "at", "pool", "appointment_id", "actor", "organization", "department", "day")
+_INSERT_EVENT = Prepared(EVENTS.insert().values({name: sa.bindparam(name) for name in _EVENT_COLUMNS}))
 
 
 def record(tx: StoreTransaction, ref: str, event: str, *, pool: str | None, row: Row | None = None,
            appointment_id: str | None = None, actor: str | None = None, day: date | None = None) -> None:
-    tx.conn.execute(_INSERT_EVENT, dict(
+    _INSERT_EVENT.rows(tx.conn, dict(
         ref=ref, event=event, at=tx.clock(), pool=pool, appointment_id=appointment_id, actor=actor,
         organization=row.organization if row else None, department=row.department if row else None,
         day=day or (row.day if row else None) or china_day(tx.clock())))
@@ -176,16 +179,18 @@ def locked_row(tx: StoreTransaction, ref: str) -> Row | None:
     SQLite write transactions are serial anyway). None when either is missing."""
     resource_type, resource_id = split_ref(ref)
     query = _LOCKED_ROW_PG if tx.conn.dialect.name == "postgresql" else _LOCKED_ROW
-    found = tx.conn.execute(query, {"t": resource_type, "i": resource_id, "ref": ref}).first()
+    found = query.mapping(tx.conn, {"t": resource_type, "i": resource_id, "ref": ref})
     return None if found is None else _row(found)
 
 
-# Built once: constructing a statement costs more than running it.
-_LOCKED_ROW = (sa.select(*_ROW_COLUMNS)
-               .select_from(SLOTS.join(RESOURCES, sa.and_(RESOURCES.c.resource_type == sa.bindparam("t"),
-                                                          RESOURCES.c.id == sa.bindparam("i"))))
-               .where(SLOTS.c.ref == sa.bindparam("ref")))
-_LOCKED_ROW_PG = _LOCKED_ROW.with_for_update(of=RESOURCES)
+# Built once and prepared: constructing and executing a statement through SQLAlchemy costs
+# more than running it.
+_LOCKED_ROW_SELECT = (sa.select(*_ROW_COLUMNS)
+                      .select_from(SLOTS.join(RESOURCES, sa.and_(RESOURCES.c.resource_type == sa.bindparam("t"),
+                                                                 RESOURCES.c.id == sa.bindparam("i"))))
+                      .where(SLOTS.c.ref == sa.bindparam("ref")))
+_LOCKED_ROW = Prepared(_LOCKED_ROW_SELECT)
+_LOCKED_ROW_PG = Prepared(_LOCKED_ROW_SELECT.with_for_update(of=RESOURCES))
 
 
 # -- re-balancing a schedule-day (or a ward) ------------------------------------------------
@@ -199,7 +204,7 @@ def rebalance(tx: StoreTransaction, group_ref: str, day: date | None, *, writing
     now = tx.clock()
     query = sa.select(*_ROW_COLUMNS).where(SLOTS.c.group_ref == group_ref, SLOTS.c.status != CLOSED)
     query = query.where(SLOTS.c.day == day) if day is not None else query.where(SLOTS.c.day.is_(None))
-    rows = [_row(r) for r in tx.conn.execute(query)]
+    rows = [_row(r._mapping) for r in tx.conn.execute(query)]
     if not rows:
         return {}
     rows.sort(key=lambda r: (r.start or datetime.min.replace(tzinfo=now.tzinfo), r.ref))

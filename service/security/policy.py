@@ -71,7 +71,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -83,7 +83,7 @@ from service.fhir.access import AccessContext
 from service.fhir.errors import Forbidden
 from service.fhir.hooks import ANY_TYPE, WriteEvent, WriteHooks
 from service.fhir.indexing.values import reference_row
-from service.fhir.statements import StatementCache
+from service.fhir.statements import Prepared, StatementCache
 
 REF: sa.Table = tables.ReferenceIndex.__table__  # type: ignore[attr-defined]
 TOKEN: sa.Table = tables.TokenIndex.__table__  # type: ignore[attr-defined]
@@ -720,8 +720,9 @@ class BoundaryPolicy:
         types = sorted(wanted)
         pairs = [(t, i) for t in types for i in sorted(wanted[t])]
         shape = tuple((t, len(wanted[t])) for t in types)
-        query = _statement(rules, ("targets", shape), lambda: self._targets_query(rules, shape))
-        rows = conn.execute(query, {f"i{k}": i for k, (_, i) in enumerate(pairs)}).all()
+        query = _statement(rules, ("targets", shape), lambda: Prepared(self._targets_query(rules, shape)))
+        assert isinstance(query, Prepared)
+        rows = query.rows(conn, {f"i{k}": i for k, (_, i) in enumerate(pairs)})
         hidden = sorted((t, rid) for t, rid, ok in rows if not ok)
         if hidden:
             raise Forbidden(f"{_who(event.ctx)} may not reference {hidden[0][0]}/{hidden[0][1]}")
@@ -739,10 +740,10 @@ class BoundaryPolicy:
 
 #: Statements under one caller's rules, per (rules, shape): the rules are built once per caller
 #: (``_RULES_CACHE``), so are these.
-_STATEMENTS: StatementCache[sa.Select] = StatementCache(2048)
+_STATEMENTS: StatementCache[sa.Select | Prepared] = StatementCache(2048)
 
 
-def _statement(rules: _Rules, shape: Any, build: Callable[[], sa.Select]) -> sa.Select:
+def _statement(rules: _Rules, shape: Any, build: Callable[[], sa.Select | Prepared]) -> sa.Select | Prepared:
     return _STATEMENTS.get((rules, shape), build)  # the key keeps its rules alive: identity is safe
 
 
@@ -758,19 +759,28 @@ class _ResultChecks:
         for resource_type, ids in self.written.items():
             ordered = sorted(ids)
             for start in range(0, len(ordered), 500):
-                query = _statement(self.rules, ("written", resource_type),
-                                   lambda rt=resource_type: self._query(rt))  # type: ignore[misc]
-                rows = self.conn.execute(query, {"ids": ordered[start:start + 500]}).all()
+                chunk = ordered[start:start + 500]
+                if len(chunk) == 1:  # a single write, the usual case: one prepared statement
+                    one = _statement(self.rules, ("written-one", resource_type),
+                                     lambda rt=resource_type: Prepared(self._query(rt, one=True)))  # type: ignore[misc]
+                    assert isinstance(one, Prepared)
+                    rows: Sequence[Any] = one.rows(self.conn, {"id": chunk[0]})
+                else:
+                    many = _statement(self.rules, ("written", resource_type),
+                                      lambda rt=resource_type: self._query(rt))  # type: ignore[misc]
+                    assert isinstance(many, sa.Select)
+                    rows = self.conn.execute(many, {"ids": chunk}).all()
                 outside = sorted(rid for rid, ok in rows if not ok)  # deleted meanwhile: nothing to check
                 if outside:
                     raise Forbidden(f"{_who(self.ctx)} may not write {resource_type}/{outside[0]}: it would be "
                                     "outside the caller's organization boundary")
 
-    def _query(self, resource_type: str) -> sa.Select:
-        """(id, inside?) of written resources of one type: ids as the expanding parameter ``ids``."""
+    def _query(self, resource_type: str, *, one: bool = False) -> sa.Select:
+        """(id, inside?) of written resources of one type: ids as the expanding parameter ``ids``
+        (``one``: a single id as ``id``)."""
+        ids = TARGET.c.id == sa.bindparam("id") if one else TARGET.c.id.in_(sa.bindparam("ids", expanding=True))
         return sa.select(TARGET.c.id, sa.case((self.rules.on_target(resource_type, write=True), 1), else_=0)).where(
-            TARGET.c.resource_type == resource_type, TARGET.c.id.in_(sa.bindparam("ids", expanding=True)),
-            TARGET.c.deleted == sa.false())
+            TARGET.c.resource_type == resource_type, ids, TARGET.c.deleted == sa.false())
 
 
 _RULES_CACHE: dict[tuple[Any, ...], tuple[_Rules | None]] = {}
