@@ -489,3 +489,44 @@ async def test_hold_and_book_answer_alike_with_and_without_the_fast_path(http, c
             assert statuses == [200, 409, 403, 200, 400]
     finally:
         routed_app.state.audit_queue.close()
+
+
+async def test_a_booking_leaves_one_audit_event_naming_the_appointment_and_the_slot_it_took(
+        http, capacity_app, engine) -> None:
+    """The Slot's new version is the service's follow-up to the caller's $book: its own
+    Provenance (the service wrote it, on the clinic's request), but one AuditEvent for the
+    interaction, the clinic's, naming both versions (three audit records per booking, not four)."""
+    import orjson
+
+    from service.fhir.access import AccessContext
+    from service.security.audit import drain
+
+    _, slots = await publish_day(http, 10)
+    patient, referral = await referred_patient(http, engine)
+    booked = await http.post("/Appointment/$book", headers=clinic(),
+                             json=parameters(slot=f"Slot/{slots[0]}", patient=patient, referral=referral))
+    assert booked.status_code == 200, booked.text
+    appointment = f"Appointment/{booked.json()['id']}/_history/1"
+    drain(capacity_app.state.store)
+    store, internal = capacity_app.state.store, AccessContext.internal("test")
+
+    def found(resource_type: str, **params: str) -> list[dict]:
+        bundle = orjson.loads(store.search(internal, resource_type, list(params.items()), base_url=""))
+        return [entry["resource"] for entry in bundle.get("entry", [])]
+
+    [audit] = found("AuditEvent", entity=appointment.split("/_history")[0])
+    assert audit["subtype"][0]["code"] == "create" and audit["agent"][1]["who"] == {"reference": CLINIC}
+    entities = {e["what"]["reference"]: e for e in audit["entity"]}
+    assert appointment in entities
+    [slot_version] = [ref for ref in entities if ref.startswith(f"Slot/{slots[0]}/_history/")]
+    assert entities[slot_version]["description"] == "update by capacity, following this request"
+    naming_it = [e for e in found("AuditEvent", entity=f"Slot/{slots[0]}")
+                 if slot_version in {x["what"]["reference"] for x in e["entity"] if "what" in x}]
+    assert naming_it == [audit]  # no AuditEvent of its own
+    [lineage] = [p for p in found("Provenance", target=slot_version.split("/_history")[0])
+                 if slot_version in {t["reference"] for t in p["target"]}]
+    assert lineage["activity"]["coding"][0]["code"] == "UPDATE"
+    assert [t["reference"] for t in lineage["target"]] == [slot_version]
+    assert lineage["agent"][-1]["who"]["identifier"]["value"] == "capacity"  # the service made the version
+    [booker] = found("Provenance", target=appointment.split("/_history")[0])
+    assert booker["agent"][0]["who"] == {"reference": CLINIC}

@@ -174,6 +174,9 @@ class StoreTransaction:
                  deferred: dict[Any, Callable[[], None]] | None = None) -> None:
         self.conn = conn
         self.ctx = ctx
+        #: who asked for this interaction: ``ctx`` itself, or for :meth:`as_system` the caller
+        #: whose write led to the follow-up (the audit trail records it as part of theirs)
+        self.initiator = ctx
         self.clock = clock
         self.hooks = hooks or WriteHooks()
         self.policy: AccessPolicy = policy or OpenPolicy()
@@ -193,6 +196,7 @@ class StoreTransaction:
         system = StoreTransaction(self.conn, AccessContext.internal(name), self.clock,
                                   hooks=self.hooks, policy=self.policy, deferred=self._deferred)
         system._reference_cache = self._reference_cache  # one transaction, one memory
+        system.initiator = self.initiator
         return system
 
     def before_commit(self, key: Any, work: Callable[[], None]) -> Callable[[], None]:

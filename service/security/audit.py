@@ -264,7 +264,7 @@ def record_write(event: WriteEvent) -> None:
     patients = [p for p in _patients_of(content) if p != reference]
     records = tx.before_commit("yilian.audit", _TransactionRecords(tx.conn, tx.clock()))
     assert isinstance(records, _TransactionRecords)
-    records.add(event.ctx, event.method, target, patients)
+    records.add(event.ctx, event.method, target, patients, initiator=tx.initiator)
     current = _CURRENT.get()
     if current is not None:
         current.written_in_transaction = True
@@ -277,7 +277,13 @@ class _TransactionRecords:
     Writes by the same caller with the same interaction share one AuditEvent (an entity per
     version written) and one Provenance (a target per version): a 500-entry transaction Bundle
     leaves two records per kind of write, not a thousand, and every version is still found by
-    ``Provenance?target=`` and ``AuditEvent?entity=``."""
+    ``Provenance?target=`` and ``AuditEvent?entity=``.
+
+    A follow-up the service writes on a caller's behalf in the same transaction (the Slot a
+    ``$book`` takes, the Task a referral opens: ``StoreTransaction.as_system``) keeps its own
+    Provenance — the service made that version — but is an entity of the caller's AuditEvent,
+    described as the service's follow-up: the audit trail shows one interaction with everything
+    it changed, and a booking stores three records instead of four."""
 
     def __init__(self, conn: sa.Connection, recorded: datetime) -> None:
         self.conn = conn
@@ -285,25 +291,48 @@ class _TransactionRecords:
         self.address: str | None = None
         self.groups: dict[tuple[AccessContext, str], _WriteGroup] = {}
 
-    def add(self, ctx: AccessContext, method: str, target: str, patients: list[str]) -> None:
-        group = self.groups.setdefault((ctx, method), _WriteGroup())
+    def add(self, ctx: AccessContext, method: str, target: str, patients: list[str], *,
+            initiator: AccessContext | None = None) -> None:
+        group = self.groups.setdefault((ctx, method), _WriteGroup(initiator=initiator or ctx))
         group.targets.append(target)
         group.patients.update(dict.fromkeys(patients))
 
     def __call__(self) -> None:
         records: list[dict[str, Any]] = []
+        audits: dict[AccessContext, dict[str, Any]] = {}  # the first AuditEvent of each caller
+        follow_ups: list[tuple[AccessContext, str, _WriteGroup]] = []
         for (ctx, method), group in self.groups.items():
-            subtype = _WRITE_SUBTYPE[method]
-            entities = [resource_entity(t) for t in group.targets] + [patient_entity(p) for p in group.patients]
-            audit = audit_event(subtype=subtype, action=ACTIONS[subtype], status=200, ctx=ctx, entities=entities,
-                                recorded=self.recorded, address=self.address)
-            lineage = provenance(targets=group.targets, activity=_ACTIVITY[method], ctx=ctx, recorded=self.recorded)
-            records += [audit, lineage]
+            if group.initiator != ctx:
+                follow_ups.append((ctx, method, group))
+            else:
+                audit = self._audit(ctx, method, group)
+                audits.setdefault(ctx, audit)
+                records.append(audit)
+            records.append(provenance(targets=group.targets, activity=_ACTIVITY[method], ctx=ctx,
+                                      recorded=self.recorded))
+        for ctx, method, group in follow_ups:
+            audit = audits.get(group.initiator)
+            if audit is None:  # the caller wrote nothing itself: the follow-up has its own record
+                records.append(self._audit(ctx, method, group))
+                continue
+            by = ctx.client_id or "yilian"
+            entities = audit.setdefault("entity", [])
+            entities += [dict(resource_entity(t), description=f"{_WRITE_SUBTYPE[method]} by {by}, following this request")
+                         for t in group.targets]
+            known = {e["what"]["reference"] for e in entities if "what" in e}
+            entities += [patient_entity(p) for p in group.patients if p not in known]
         queue_records(self.conn, self.recorded, records)
+
+    def _audit(self, ctx: AccessContext, method: str, group: _WriteGroup) -> dict[str, Any]:
+        subtype = _WRITE_SUBTYPE[method]
+        entities = [resource_entity(t) for t in group.targets] + [patient_entity(p) for p in group.patients]
+        return audit_event(subtype=subtype, action=ACTIONS[subtype], status=200, ctx=ctx, entities=entities,
+                           recorded=self.recorded, address=self.address)
 
 
 @dataclass
 class _WriteGroup:
+    initiator: AccessContext
     targets: list[str] = field(default_factory=list)
     patients: dict[str, None] = field(default_factory=dict)  # ordered set
 
