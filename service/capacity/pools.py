@@ -129,8 +129,8 @@ def get_row(conn: sa.Connection, ref: str) -> Row | None:
     return None if found is None else _row(found._mapping)
 
 
-_EVENT_COLUMNS = ("ref", "event", "at", "pool", "appointment_id", "actor", "organization", "department", "day")
-_INSERT_EVENT = Prepared(EVENTS.insert().values({name: sa.bindparam(name) for name in _EVENT_COLUMNS}))
+_INSERT_EVENT = Prepared(EVENTS.insert().values({c.name: sa.bindparam(c.name) for c in EVENTS.columns
+                                                 if c.name != "seq"}))
 
 
 def record(tx: StoreTransaction, ref: str, event: str, *, pool: str | None, row: Row | None = None,

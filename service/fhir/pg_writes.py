@@ -18,7 +18,6 @@ to save).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,7 +51,6 @@ def _sql_type(column: sa.Column) -> str:
     return "float8" if isinstance(column.type, sa.Float) else "text"
 
 
-@functools.cache
 def _index_columns(table: sa.Table) -> tuple[sa.Column, ...]:
     return tuple(table.columns)
 
