@@ -248,3 +248,31 @@ def test_locked_state_reads_what_update_would_and_update_known_writes_the_next_v
         gone = tx.locked_state("Patient", pid)
         assert gone is not None and gone.deleted and gone.content is None
         assert tx.locked_state("Patient", "no-such-patient") is None
+
+
+def test_prefetch_reads_references_and_their_chain_into_the_transactions_memory(engine: sa.Engine) -> None:
+    """One statement for the organization, its ``partOf`` ancestors and the other references
+    an operation will consult; later look-ups in the transaction are answered from memory."""
+    store = ResourceStore(engine)
+    system = AccessContext.internal("test")
+    top, middle, leaf, other = (f"org-{uuid4().hex[:8]}" for _ in range(4))
+    for org_id, parent in ((top, None), (middle, top), (leaf, middle), (other, None)):
+        org = {"resourceType": "Organization", "id": org_id, "name": f"名-{org_id}"}
+        if parent:
+            org["partOf"] = {"reference": f"Organization/{parent}"}
+        store.update(system, "Organization", org_id, org)
+    missing = f"org-{uuid4().hex[:8]}"
+    with store.read_only(system) as tx:
+        tx.prefetch([f"Organization/{leaf}", f"Organization/{missing}", None, "not-a-reference"], follow="partof")
+        with engine.begin() as elsewhere:  # changed after the prefetch: the transaction keeps what it read
+            for org_id in (top, middle, leaf):
+                elsewhere.execute(sa.text("UPDATE resource_version SET content = CAST(:c AS " +
+                                          ("jsonb" if engine.dialect.name == "postgresql" else "text") + ") "
+                                          "WHERE seq = (SELECT seq FROM resource WHERE resource_type = 'Organization' "
+                                          "AND id = :i)"),
+                                  {"c": f'{{"resourceType": "Organization", "id": "{org_id}", "name": "改了"}}',
+                                   "i": org_id})
+        names = [tx.reference_content("Organization", org_id)["name"] for org_id in (leaf, middle, top)]
+        assert names == [f"名-{leaf}", f"名-{middle}", f"名-{top}"]  # the chain came with the leaf
+        assert tx.reference_content("Organization", missing) is None
+        assert tx.reference_content("Organization", other)["name"] == f"名-{other}"  # not asked for: read now

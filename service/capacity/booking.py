@@ -51,7 +51,7 @@ from service.capacity.pools import (
     HELD,
     Row,
     freed_values,
-    locked_row,
+    locked_unit,
     record,
     sync_resource,
 )
@@ -67,6 +67,7 @@ from service.fhir.errors import (
 from service.fhir.hooks import WriteEvent
 from service.fhir.statements import Prepared
 from service.fhir.store import (
+    CurrentState,
     ResourceStore,
     StoredResource,
     StoreTransaction,
@@ -111,6 +112,8 @@ class Caller:
 def identify_caller(tx: StoreTransaction, ctx: AccessContext, *, patient: str | None,
                     referrals: list[str] = (), strict: bool = False) -> Caller:  # type: ignore[assignment]
     organization = ctx.organization
+    # the caller's organization with its partOf chain, and the referrals, in one round trip
+    tx.prefetch([organization or ctx.practitioner, *referrals], follow="partof")
     if not organization and ctx.practitioner and ctx.practitioner.startswith("PractitionerRole/"):
         organization = ref_of((_orgs.content(tx, ctx.practitioner) or {}).get("organization"))
     chain = _orgs.org_chain(tx, organization)
@@ -211,11 +214,12 @@ def appointment_before(event: WriteEvent) -> None:
 def claim(tx: StoreTransaction, ref: str, appointment_id: str, want: str, who: Any) -> str:
     """Take one unit for the appointment (``held`` or ``busy``); returns the pool it came from."""
     now = tx.clock()
-    row = locked_row(tx, ref)
-    if row is None:
+    unit = locked_unit(tx, ref)
+    if unit is None:
         raise NotFound(f"{ref} does not exist")
+    row, state = unit
     if row.appointment_id == appointment_id:
-        return _promote(tx, row, appointment_id, want, now)
+        return _promote(tx, row, appointment_id, want, now, state)
     if row.status == BUSY and row.appointment_id is None and _is_owner(tx.ctx, row):
         # the hospital records an appointment for a slot it booked at its own counter
         tx.conn.execute(SLOTS.update().where(SLOTS.c.ref == ref, SLOTS.c.status == BUSY,
@@ -242,7 +246,7 @@ def claim(tx: StoreTransaction, ref: str, appointment_id: str, want: str, who: A
         raise Conflict(f"{ref} was just taken by another booking; find another slot")
     record(tx, ref, "held" if want == HELD else "booked", pool=row.pool, row=row, appointment_id=appointment_id,
            actor=caller.booked_by, day=row.day or china_day(now))
-    sync_resource(tx, ref, pool=row.pool, status=want)
+    sync_resource(tx, ref, pool=row.pool, status=want, known=state)
     return row.pool
 
 
@@ -259,7 +263,8 @@ _CLAIM = Prepared(SLOTS.update()
                   .returning(SLOTS.c.ref))
 
 
-def _promote(tx: StoreTransaction, row: Row, appointment_id: str, want: str, now: datetime) -> str:
+def _promote(tx: StoreTransaction, row: Row, appointment_id: str, want: str, now: datetime,
+             state: CurrentState) -> str:
     booked_pool = row.booked_pool or row.pool
     if row.status == want or (row.status == BUSY and want == HELD):
         return booked_pool
@@ -274,14 +279,17 @@ def _promote(tx: StoreTransaction, row: Row, appointment_id: str, want: str, now
         raise Conflict(f"the hold of Appointment/{appointment_id} on {row.ref} has expired; find another slot")
     record(tx, row.ref, "booked", pool=booked_pool, row=row, appointment_id=appointment_id,
            day=row.day or china_day(now))
-    sync_resource(tx, row.ref, pool=row.pool, status=BUSY)
+    sync_resource(tx, row.ref, pool=row.pool, status=BUSY, known=state)
     return booked_pool
 
 
 def free(tx: StoreTransaction, ref: str, appointment_id: str, *, event: str) -> bool:
     """Give the unit back: into the pool it came from unless its release time passed (R23)."""
-    row = locked_row(tx, ref)
-    if row is None or row.appointment_id != appointment_id or row.status not in (HELD, BUSY):
+    unit = locked_unit(tx, ref)
+    if unit is None:
+        return False
+    row, state = unit
+    if row.appointment_id != appointment_id or row.status not in (HELD, BUSY):
         return False
     values = freed_values(tx, row)
     done = tx.conn.execute(
@@ -295,7 +303,7 @@ def free(tx: StoreTransaction, ref: str, appointment_id: str, *, event: str) -> 
     record(tx, ref, event, pool=values["pool"], row=row, appointment_id=appointment_id)
     if values["pool"] == GENERAL and row.assigned_pool == RESERVED and row.released_at is None and row.kind == "slot":
         record(tx, ref, "released", pool=GENERAL, row=row)
-    sync_resource(tx, ref, pool=values["pool"], status=FREE)
+    sync_resource(tx, ref, pool=values["pool"], status=FREE, known=state)
     return True
 
 
@@ -497,6 +505,10 @@ def _new_appointment(tx: StoreTransaction, params: Params, status: str) -> dict[
     if row is None:
         raise NotFound(f"{unit} is not published capacity")
     referral = params.reference("referral")
+    # everything the appointment is built from, read together: the caller's organization and
+    # its chain, the referral, the Schedule (or the bed and its ward)
+    tx.prefetch([tx.ctx.organization or tx.ctx.practitioner, referral, row["group_ref"] if row["kind"] == "slot" else unit],
+                follow="partof")
     caller = identify_caller(tx, tx.ctx, patient=patient, referrals=[referral] if referral else [], strict=True)
     _CALLERS[tx] = caller  # the Appointment hook of this transaction need not identify the caller again
     _UNITS[tx] = {unit}

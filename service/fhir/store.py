@@ -137,6 +137,39 @@ _REFERRERS = Prepared(sa.select(_REF.c.resource_id).distinct()
                       .order_by(_REF.c.resource_id).limit(sa.bindparam("n")))
 
 
+#: How far :meth:`StoreTransaction.prefetch` follows a chain (an organization's ``partOf``).
+PREFETCH_DEPTH = 8
+_PREFETCH: StatementCache[Prepared] = StatementCache(64)
+
+
+def _prefetch_statement(count: int, follow: str | None) -> Prepared:
+    """Current content of ``count`` resources (parameters ``t0``/``i0`` ...), and with
+    ``follow`` of what they reach through that reference parameter: one statement per shape."""
+
+    def build() -> Prepared:
+        # every step carries the version's seq, so that each row is found by an index look-up
+        # (a join on (type, id) after the recursion let the planner scan the resource table)
+        keys = [sa.tuple_(sa.bindparam(f"t{k}"), sa.bindparam(f"i{k}")) for k in range(count)]
+        seeds = sa.select(R.c.resource_type.label("t"), R.c.id.label("i"), R.c.seq.label("s"),
+                          sa.literal_column("0").label("d")).where(sa.tuple_(R.c.resource_type, R.c.id).in_(keys))
+        if follow is None:
+            found = seeds.subquery("found")
+        else:
+            chain = seeds.cte("chain", recursive=True)
+            parent = R.alias("parent")
+            step = (sa.select(parent.c.resource_type, parent.c.id, parent.c.seq, chain.c.d + sa.literal_column("1"))
+                    .select_from(chain.join(_REF, sa.and_(_REF.c.resource_type == chain.c.t, _REF.c.resource_id == chain.c.i,
+                                                          _REF.c.param == follow))
+                                 .join(parent, sa.and_(parent.c.resource_type == _REF.c.target_type,
+                                                       parent.c.id == _REF.c.target_id)))
+                    .where(chain.c.d < PREFETCH_DEPTH))
+            found = chain.union(step)
+        return Prepared(sa.select(found.c.t, found.c.i, _json_text(V.c.content))
+                        .select_from(found.join(V, V.c.seq == found.c.s)))
+
+    return _PREFETCH.get((count, follow), build)
+
+
 def _utc(moment: datetime) -> datetime:
     """Timestamps come back zone-less (SQLite) or in the session's zone (PostgreSQL); we store UTC."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
@@ -316,6 +349,23 @@ class StoreTransaction:
             self._reference_cache[key] = _CURRENT_CONTENT.scalar(self.conn, {"t": resource_type, "i": resource_id})
         text = self._reference_cache[key]
         return None if text is None else orjson.loads(text)
+
+    def prefetch(self, references: Iterable[str | None], *, follow: str | None = None) -> None:
+        """Read several ``Type/id`` references into the memory :meth:`reference_content` keeps,
+        in one statement instead of one each; with ``follow`` (a reference search parameter
+        such as ``partof``), also what they point at through it, and so on up the chain
+        (:data:`PREFETCH_DEPTH` steps). An operation that will consult a caller's
+        organization, a referral and a Schedule asks for them together."""
+        wanted = sorted({(t, i) for t, _, i in (r.partition("/") for r in references if r and r.count("/") == 1)}
+                        - self._reference_cache.keys())
+        if not wanted:
+            return
+        statement = _prefetch_statement(len(wanted), follow)
+        values = {name: value for k, (t, i) in enumerate(wanted) for name, value in ((f"t{k}", t), (f"i{k}", i))}
+        for resource_type, resource_id, text in statement.rows(self.conn, values):
+            self._reference_cache.setdefault((resource_type, resource_id), text)
+        for key in wanted:
+            self._reference_cache.setdefault(key, None)  # absent: known absent, not asked again
 
     def emit(self, topic: str, payload: dict[str, Any]) -> int:
         """Record an event in the outbox, in this transaction: it exists iff the write does."""
