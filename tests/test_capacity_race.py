@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from service.capacity._fhir import CHINA
 from service.capacity.tables import SLOTS
+from service.fhir.access import AccessContext
 from service.fhir.db import create_engine
 from service.fhir.store import ResourceStore
 from service.migrate import upgrade
@@ -196,3 +197,47 @@ async def test_r32_a_locked_slot_does_not_hold_up_bookings_of_other_slots(server
                 assert (await waiting).status_code == 200
     finally:
         engine.dispose()
+
+
+async def test_r32_a_booking_that_waited_for_a_change_of_its_slot_writes_on_top_of_it(server: Server) -> None:
+    """The claim reads the slot's row and its Slot's content in the statement that locks the
+    Slot. When another transaction (a HIS adding a comment) changed the Slot while the booking
+    waited for that lock, the booking's Slot version builds on the change, not on what was
+    there before: nothing the HIS wrote is lost, and the booking still succeeds."""
+    if not server.database_url.startswith("postgres"):
+        pytest.skip("SQLite has one writer at a time by design; row locks are PostgreSQL's")
+    slot_ids, patient, referral = await _setup(server, 2)
+    slot = slot_ids[0]
+    engine = create_engine(server.database_url)
+    store = ResourceStore(engine)
+    his = AccessContext.internal("his")
+    try:
+        async with httpx.AsyncClient(base_url=server.fhir, timeout=60,
+                                     headers={"X-Yilian-Organization": CLINIC}) as http:
+            with store.write(his) as tx:
+                changed = tx.read("Slot", slot).as_dict()
+                changed["comment"] = "改在门诊三楼"
+                tx.update("Slot", slot, changed)
+                waiting = asyncio.create_task(http.post("/Appointment/$book", json=parameters(
+                    slot=f"Slot/{slot}", patient=patient, referral=referral)))
+                await _until_a_lock_is_awaited(engine)
+            booked = await waiting
+        assert booked.status_code == 200, booked.text
+        with store.read_only(his) as tx:
+            now = tx.read("Slot", slot).as_dict()
+        assert now["comment"] == "改在门诊三楼" and now["status"] == "busy"
+        assert now["meta"]["versionId"] == "3"  # published, the HIS's change, the booking
+    finally:
+        engine.dispose()
+
+
+async def _until_a_lock_is_awaited(engine: sa.Engine, timeout: float = 30.0) -> None:
+    waited = 0.0
+    while waited < timeout:
+        with engine.connect() as conn:
+            if conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND wait_event_type = 'Lock'")).scalar():
+                return
+        await asyncio.sleep(0.05)
+        waited += 0.05
+    raise AssertionError("no booking waited for the Slot's lock")

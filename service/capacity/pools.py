@@ -31,6 +31,7 @@ from datetime import date, datetime
 from fractions import Fraction
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from service.capacity import _orgs
@@ -53,10 +54,11 @@ from service.capacity.tables import EVENTS, SLOTS
 from service.fhir.errors import Conflict, Unprocessable
 from service.fhir.hooks import WriteEvent
 from service.fhir.statements import Prepared
-from service.fhir.store import StoreTransaction
-from service.fhir.tables import ResourceRow
+from service.fhir.store import CurrentState, StoreTransaction
+from service.fhir.tables import ResourceRow, ResourceVersion
 
 RESOURCES = ResourceRow.__table__
+VERSIONS = ResourceVersion.__table__
 FREE, HELD, BUSY, CLOSED = "free", "held", "busy", "closed"
 #: Slot.status written by a HIS → our row status (tentative or unavailable: not bookable here)
 SLOT_STATUS_IN = {"free": FREE, "busy": BUSY, "busy-tentative": BUSY, "busy-unavailable": CLOSED,
@@ -141,12 +143,13 @@ def record(tx: StoreTransaction, ref: str, event: str, *, pool: str | None, row:
         day=day or (row.day if row else None) or china_day(tx.clock())))
 
 
-def sync_resource(tx: StoreTransaction, ref: str, *, pool: str, status: str) -> None:
+def sync_resource(tx: StoreTransaction, ref: str, *, pool: str, status: str, known: CurrentState | None = None) -> None:
     """Make the Slot / bed resource say what the row says (pool tag, Slot.status): a new
     version, so that the change is in the resource's history. The row is always changed
-    first; the hooks then see a resource that agrees with its row and do nothing."""
+    first; the hooks then see a resource that agrees with its row and do nothing. ``known``:
+    the resource's current state as :func:`locked_unit` read it (else it is read here)."""
     resource_type, resource_id = split_ref(ref)
-    state = tx.locked_state(resource_type, resource_id)  # usually locked already, by locked_row
+    state = known if known is not None else tx.locked_state(resource_type, resource_id)
     current = state.content if state is not None else None
     if current is None:
         return
@@ -174,18 +177,32 @@ def lock_resource(tx: StoreTransaction, ref: str) -> bool:
     return tx.current_version(*split_ref(ref), lock=True) is not None
 
 
-def locked_row(tx: StoreTransaction, ref: str) -> Row | None:
-    """The unit's row, its resource row locked first (one statement: ``FOR UPDATE OF resource``;
-    SQLite write transactions are serial anyway). None when either is missing."""
+def locked_unit(tx: StoreTransaction, ref: str) -> tuple[Row, CurrentState | None] | None:
+    """The unit's row and its resource's current state, the resource row locked first (one
+    statement: ``FOR UPDATE OF resource``; SQLite write transactions are serial anyway): what
+    a claim decides on, and what :func:`sync_resource` then writes the next version of. The
+    state is None when another transaction changed the resource while this one waited for
+    the lock (its new content is not in this statement's snapshot): read it again then."""
     resource_type, resource_id = split_ref(ref)
     query = _LOCKED_ROW_PG if tx.conn.dialect.name == "postgresql" else _LOCKED_ROW
-    found = query.mapping(tx.conn, {"t": resource_type, "i": resource_id, "ref": ref})
-    return None if found is None else _row(found)
+    found = query.first(tx.conn, {"t": resource_type, "i": resource_id, "ref": ref})
+    if found is None:
+        return None
+    *row, version_id, deleted, content = found
+    state = None
+    if deleted or content is not None:
+        state = CurrentState(version_id, deleted, None if deleted else orjson.loads(content))
+    return _row(dict(zip(_ROW_KEYS, row, strict=True))), state
 
 
 # Built once and prepared: constructing and executing a statement through SQLAlchemy costs
-# more than running it.
-_LOCKED_ROW_SELECT = (sa.select(*_ROW_COLUMNS)
+# more than running it. The content is a sub-select, not a join: after waiting for the lock,
+# PostgreSQL re-checks the locked row as it now is, and a join to the version it pointed at
+# before would drop the row altogether.
+_ROW_KEYS = tuple(Row.__dataclass_fields__)
+_CONTENT_OF_LOCKED = (sa.select(sa.cast(VERSIONS.c.content, sa.Text)).where(VERSIONS.c.seq == RESOURCES.c.seq)
+                      .scalar_subquery())
+_LOCKED_ROW_SELECT = (sa.select(*_ROW_COLUMNS, RESOURCES.c.version_id, RESOURCES.c.deleted, _CONTENT_OF_LOCKED)
                       .select_from(SLOTS.join(RESOURCES, sa.and_(RESOURCES.c.resource_type == sa.bindparam("t"),
                                                                  RESOURCES.c.id == sa.bindparam("i"))))
                       .where(SLOTS.c.ref == sa.bindparam("ref")))
