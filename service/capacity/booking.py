@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -49,13 +49,14 @@ from service.capacity.pools import (
     BUSY,
     FREE,
     HELD,
+    LockedUnit,
     Row,
     freed_values,
     locked_unit,
     record,
     sync_resource,
 )
-from service.capacity.tables import SLOTS
+from service.capacity.tables import EVENTS, SLOTS
 from service.fhir.access import AccessContext
 from service.fhir.errors import (
     BadRequest,
@@ -77,6 +78,8 @@ from service.fhir.store import (
 #: Callers identified by an operation, for the Appointment hook of the same transaction.
 _CALLERS: weakref.WeakKeyDictionary[StoreTransaction, Caller] = weakref.WeakKeyDictionary()
 _UNITS: weakref.WeakKeyDictionary[StoreTransaction, set[str]] = weakref.WeakKeyDictionary()
+#: Units an operation read and locked in this transaction, for the claim of the same unit.
+_LOCKED: weakref.WeakKeyDictionary[StoreTransaction, dict[str, LockedUnit]] = weakref.WeakKeyDictionary()
 
 HOLDING = {"pending"}
 BOOKED = {"booked", "arrived", "checked-in", "fulfilled"}
@@ -214,7 +217,7 @@ def appointment_before(event: WriteEvent) -> None:
 def claim(tx: StoreTransaction, ref: str, appointment_id: str, want: str, who: Any) -> str:
     """Take one unit for the appointment (``held`` or ``busy``); returns the pool it came from."""
     now = tx.clock()
-    unit = locked_unit(tx, ref)
+    unit = _LOCKED.get(tx, {}).pop(ref, None) or locked_unit(tx, ref)
     if unit is None:
         raise NotFound(f"{ref} does not exist")
     row, state = unit
@@ -240,12 +243,19 @@ def claim(tx: StoreTransaction, ref: str, appointment_id: str, want: str, who: A
     if want == HELD:
         policy = effective_policy(tx.conn, scopes_for(row.alliance, row.organization, row.department))
         held_until = now + policy.hold_ttl
-    taken = _CLAIM.first(tx.conn, {"c_ref": ref, "c_pool": row.pool, "c_status": want, "c_appointment": appointment_id,
-                                   "c_held_until": held_until, "c_booked_by": caller.booked_by, "c_now": now})
+    event = "held" if want == HELD else "booked"
+    values = {"c_ref": ref, "c_pool": row.pool, "c_status": want, "c_appointment": appointment_id,
+              "c_held_until": held_until, "c_booked_by": caller.booked_by, "c_now": now}
+    if tx.conn.dialect.name == "postgresql":  # the claim and its event in one round trip
+        taken = _CLAIM_AND_RECORD.first(tx.conn, {**values, "e_event": event, "e_organization": row.organization,
+                                                  "e_department": row.department, "e_day": row.day or china_day(now)})
+    else:
+        taken = _CLAIM.first(tx.conn, values)
+        if taken is not None:
+            record(tx, ref, event, pool=row.pool, row=row, appointment_id=appointment_id, actor=caller.booked_by,
+                   day=row.day or china_day(now))
     if taken is None:
         raise Conflict(f"{ref} was just taken by another booking; find another slot")
-    record(tx, ref, "held" if want == HELD else "booked", pool=row.pool, row=row, appointment_id=appointment_id,
-           actor=caller.booked_by, day=row.day or china_day(now))
     sync_resource(tx, ref, pool=row.pool, status=want, known=state)
     return row.pool
 
@@ -253,18 +263,35 @@ def claim(tx: StoreTransaction, ref: str, appointment_id: str, want: str, who: A
 # The claim itself, built once and prepared (constructing and executing the statement through
 # SQLAlchemy cost more than running it): the row changes only while it is still free in the
 # pool the caller was allowed to book from.
-_CLAIM = Prepared(SLOTS.update()
-                  .where(SLOTS.c.ref == sa.bindparam("c_ref"), SLOTS.c.status == FREE,
-                         SLOTS.c.pool == sa.bindparam("c_pool"))
-                  .values(status=sa.bindparam("c_status"), appointment_id=sa.bindparam("c_appointment"),
-                          held_until=sa.bindparam("c_held_until"), booked_pool=sa.bindparam("c_pool"),
-                          booked_by=sa.bindparam("c_booked_by"), version=SLOTS.c.version + 1,
-                          updated_at=sa.bindparam("c_now"))
-                  .returning(SLOTS.c.ref))
+_CLAIM_UPDATE = (SLOTS.update()
+                 .where(SLOTS.c.ref == sa.bindparam("c_ref"), SLOTS.c.status == FREE,
+                        SLOTS.c.pool == sa.bindparam("c_pool"))
+                 .values(status=sa.bindparam("c_status"), appointment_id=sa.bindparam("c_appointment"),
+                         held_until=sa.bindparam("c_held_until"), booked_pool=sa.bindparam("c_pool"),
+                         booked_by=sa.bindparam("c_booked_by"), version=SLOTS.c.version + 1,
+                         updated_at=sa.bindparam("c_now"))
+                 .returning(SLOTS.c.ref))
+_CLAIM = Prepared(_CLAIM_UPDATE)
+
+
+def _claim_and_record() -> sa.Insert:
+    """PostgreSQL: the claim as a data-modifying CTE, and the capacity event inserted from its
+    result (no row claimed, no event): the same effect as ``_CLAIM`` then ``record``."""
+    claimed = _CLAIM_UPDATE.cte("claimed")
+    event_columns = {"event": "e_event", "at": "c_now", "pool": "c_pool", "appointment_id": "c_appointment",
+                     "actor": "c_booked_by", "organization": "e_organization", "department": "e_department",
+                     "day": "e_day"}
+    values = [sa.bindparam(name, type_=EVENTS.c[column].type) for column, name in event_columns.items()]
+    return (EVENTS.insert()
+            .from_select(["ref", *event_columns], sa.select(claimed.c.ref, *values))
+            .returning(EVENTS.c.ref))
+
+
+_CLAIM_AND_RECORD = Prepared(_claim_and_record())
 
 
 def _promote(tx: StoreTransaction, row: Row, appointment_id: str, want: str, now: datetime,
-             state: CurrentState) -> str:
+             state: CurrentState | None) -> str:
     booked_pool = row.booked_pool or row.pool
     if row.status == want or (row.status == BUSY and want == HELD):
         return booked_pool
@@ -484,9 +511,6 @@ class Params:
         return copy.deepcopy(value)
 
 
-_UNIT_ROW = Prepared(sa.select(SLOTS).where(SLOTS.c.ref == sa.bindparam("u_ref")))  # like _CLAIM
-
-
 def _new_appointment(tx: StoreTransaction, params: Params, status: str) -> dict[str, Any]:
     """The Appointment to create: the one given (e.g. from $find), or built from slot + patient."""
     given = params.resource("appointment", "Appointment")
@@ -501,9 +525,11 @@ def _new_appointment(tx: StoreTransaction, params: Params, status: str) -> dict[
     if unit is None or patient is None:
         raise BadRequest("give an appointment (from $find), or a slot (or bed) and a patient",
                          expression="Parameters.parameter")
-    row = _UNIT_ROW.mapping(tx.conn, {"u_ref": unit})
-    if row is None:
+    locked = locked_unit(tx, unit)  # locked now: the claim of this transaction takes it as read
+    if locked is None:
         raise NotFound(f"{unit} is not published capacity")
+    _LOCKED[tx] = {unit: locked}
+    row = asdict(locked[0])  # proposal() reads a unit by column name, as $find's rows
     referral = params.reference("referral")
     # everything the appointment is built from, read together: the caller's organization and
     # its chain, the referral, the Schedule (or the bed and its ward)

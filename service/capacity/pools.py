@@ -100,6 +100,8 @@ class Row:
     group_ref: str
     day: date | None
     start: datetime | None
+    end: datetime | None
+    service_kind: str
     status: str
     assigned_pool: str
     pool: str
@@ -120,7 +122,7 @@ _ROW_COLUMNS = [SLOTS.c[name] for name in Row.__dataclass_fields__]
 
 def _row(values: Mapping[str, Any]) -> Row:
     data = dict(values)
-    for key in ("start", "opens_at", "release_at", "released_at"):
+    for key in ("start", "end", "opens_at", "release_at", "released_at"):
         if data[key] is not None:
             data[key] = utc(data[key])
     return Row(**data)
@@ -177,7 +179,11 @@ def lock_resource(tx: StoreTransaction, ref: str) -> bool:
     return tx.current_version(*split_ref(ref), lock=True) is not None
 
 
-def locked_unit(tx: StoreTransaction, ref: str) -> tuple[Row, CurrentState | None] | None:
+#: A unit's row and its resource's state (None: read it again), as :func:`locked_unit` found them.
+LockedUnit = tuple[Row, CurrentState | None]
+
+
+def locked_unit(tx: StoreTransaction, ref: str) -> LockedUnit | None:
     """The unit's row and its resource's current state, the resource row locked first (one
     statement: ``FOR UPDATE OF resource``; SQLite write transactions are serial anyway): what
     a claim decides on, and what :func:`sync_resource` then writes the next version of. The
