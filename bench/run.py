@@ -13,7 +13,9 @@ Per database (PostgreSQL and/or SQLite), a run:
 3. loads ``--patients`` Patients in transaction Bundles of ``--bundle-size`` entries, timed
    (the bulk-load figure, resources/s);
 4. runs each scenario with wrk for ``--duration`` seconds at ``--connections`` connections,
-   after a short warm-up and a one-request smoke check of the answer's content, and counts the
+   on PostgreSQL after a ``VACUUM (ANALYZE)`` of the database (as pgbench does before each
+   run: the previous scenario's leftovers are not cleaned up during this one, see
+   :func:`vacuum_postgres`), after a short warm-up and a one-request smoke check of the answer's content, and counts the
    CPU time the server, PostgreSQL and wrk used meanwhile (``bench.cpu``) — until the server's
    background drain has stored the scenario's audit records too: the table shows how long
    that took after wrk stopped and the rate counting that time ("req/s with it");
@@ -412,12 +414,20 @@ def prepare_postgres(url: str) -> None:
         raise RuntimeError(f"PostgreSQL is not reachable at {admin}: {exc}".strip()) from None
 
 
-def analyze_postgres(url: str) -> None:
-    """ANALYZE after the bulk load, as autovacuum would shortly after it: plans then see real sizes."""
+def vacuum_postgres(url: str) -> float:
+    """VACUUM (ANALYZE) the bench database, as pgbench does before each run; its seconds.
+
+    Before each scenario: the statistics then see the real sizes (after the bulk load, plans
+    see 10,000 patients), and what the previous scenario left to clean up — the audit queue's
+    deleted rows, tens of thousands of new AuditEvents and their index rows — is cleaned up
+    now rather than by autovacuum in the middle of the next scenario, on the same two cores.
+    What a scenario leaves behind itself is still cleaned up during it, as in production."""
     import psycopg
 
+    began = time.monotonic()
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute("ANALYZE")
+        conn.execute("VACUUM (ANALYZE)")
+    return time.monotonic() - began
 
 
 def prepare_sqlite(path: Path) -> str:
@@ -669,8 +679,6 @@ def _bench_database(result: DatabaseResult, args: argparse.Namespace, dataset: D
         after = cpu.snapshot(server_pgid=server.proc.pid if server.proc else None, database=pg_name)
         result.load.cpu_usage = cpu.usage(before, after)
         print(f"  {result.load.seconds:.1f} s, {result.load.resources_per_s:,.0f} resources/s", flush=True)
-        if database == "postgres":
-            analyze_postgres(url)
         inputs = write_inputs(workdir, dataset, ids)
         scripts = {name: build_script(name, workdir) for name in ("get", "post")}
         headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
@@ -679,6 +687,8 @@ def _bench_database(result: DatabaseResult, args: argparse.Namespace, dataset: D
                 if args.only and key not in args.only:
                     continue
                 scenario = next(s for s in SCENARIOS if s.key == key)
+                if database == "postgres":
+                    print(f"   VACUUM (ANALYZE) before {key}: {vacuum_postgres(url):.1f} s", flush=True)
                 client.headers.update(credentials.renew())
                 result.scenarios[key] = run_scenario(scenario, server, client, inputs, scripts, args, wrk,
                                                      credentials.headers())
