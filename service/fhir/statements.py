@@ -69,7 +69,10 @@ class _InlineConstants(PGDialect_psycopg.statement_compiler):  # type: ignore[na
 
     def visit_bindparam(self, bindparam: Any, **kw: Any) -> str:
         if not bindparam.required and bindparam.callable is None and _inlinable(bindparam.value):
-            kw["literal_binds"] = True
+            try:
+                return super().visit_bindparam(bindparam, **{**kw, "literal_binds": True})
+            except (sa.exc.CompileError, NotImplementedError):
+                pass  # a type that cannot be written as a literal: it stays a parameter
         return super().visit_bindparam(bindparam, **kw)
 
 
