@@ -40,22 +40,3 @@ def test_prepared_statements_answer_what_sqlalchemy_answers(engine: sa.Engine) -
             assert any("FROM idx_token" in text and "$1" in text for text in texts), texts
         conn.execute(TOKEN.delete().where(TOKEN.c.resource_id == owner))
 
-
-def test_constants_are_written_into_the_statement_and_only_what_changes_is_a_parameter(engine: sa.Engine) -> None:
-    """PostgreSQL plans a prepared statement with its constants as parameters blind, and kept
-    planning a twenty-join boundary check afresh: plain constants go into the text, values
-    that would need quoting rules beyond ``''`` stay parameters."""
-    owner = f"prep-{uuid4().hex[:8]}"
-    statement = sa.select(TOKEN.c.code).where(
-        TOKEN.c.resource_type == "Basic", TOKEN.c.param.in_(["a", "b"]), TOKEN.c.resource_id == sa.bindparam("i"),
-        TOKEN.c.code != "it's", TOKEN.c.system == "").order_by(TOKEN.c.code)
-    prepared = Prepared(statement)
-    sql, names, fixed = prepared._postgres()
-    assert "'Basic'" in sql and "IN ('a', 'b')" in sql
-    assert [fixed.get(name, name) for name in names] == ["i", "it's"]  # a quote: a parameter, never spliced in
-    with engine.begin() as conn:
-        conn.execute(TOKEN.insert(), [dict(resource_type="Basic", resource_id=owner, param=p, system="", code=c)
-                                      for p, c in (("a", "1"), ("b", "it's"), ("c", "3"), ("b", "2"))])
-        assert prepared.rows(conn, {"i": owner}) == [("1",), ("2",)]
-        assert prepared.rows(conn, {"i": owner}) == [tuple(r) for r in conn.execute(statement, {"i": owner})]
-        conn.execute(TOKEN.delete().where(TOKEN.c.resource_id == owner))

@@ -8,7 +8,6 @@ boundary), it is built once and kept here, under that key.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar
@@ -52,44 +51,8 @@ class StatementCache(Generic[T]):
         return len(self._items)
 
 
-#: A constant that may be written into a statement's text: FHIR ids, codes, types, URLs.
-_PLAIN_TEXT = re.compile(r"[A-Za-z0-9 ._:/|#@-]*")
-
-
-class _InlineConstants(PGDialect_psycopg.statement_compiler):  # type: ignore[name-defined,misc]
-    """Writes a statement's constants (a bound value built into it: a type, a parameter name,
-    the caller's organization) into its text, and leaves ``$n`` only for what changes.
-
-    A prepared statement whose constants are parameters too is planned again on every
-    execution: PostgreSQL estimates a generic plan for ``param = $15`` blind and finds it
-    dearer than a plan for the values at hand, so it never switches to the cached plan. For a
-    boundary check with twenty joins that planning cost more than running it. Only plain
-    text (``_PLAIN_TEXT``), numbers and booleans are written in, so nothing needing quoting
-    rules beyond ``''`` ever reaches the text."""
-
-    def visit_bindparam(self, bindparam: Any, **kw: Any) -> str:
-        if not bindparam.required and bindparam.callable is None and _inlinable(bindparam.value):
-            try:
-                return super().visit_bindparam(bindparam, **{**kw, "literal_binds": True})
-            except (sa.exc.CompileError, NotImplementedError):
-                pass  # a type that cannot be written as a literal: it stays a parameter
-        return super().visit_bindparam(bindparam, **kw)
-
-
-def _inlinable(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return bool(value) and all(_inlinable(v) for v in value)
-    if isinstance(value, bool | int | float):
-        return True
-    return isinstance(value, str) and _PLAIN_TEXT.fullmatch(value) is not None
-
-
-class _PreparedDialect(PGDialect_psycopg):
-    statement_compiler = _InlineConstants
-
-
-#: PostgreSQL's own placeholders ($1, $2 ...), what psycopg sends as they are; constants inline.
-_NUMERIC_DOLLAR = _PreparedDialect(paramstyle="numeric_dollar")
+#: PostgreSQL's own placeholders ($1, $2 ...): what psycopg sends as they are.
+_NUMERIC_DOLLAR = PGDialect_psycopg(paramstyle="numeric_dollar")
 
 
 class Prepared:
