@@ -533,8 +533,8 @@ def _new_appointment(tx: StoreTransaction, params: Params, status: str) -> dict[
     referral = params.reference("referral")
     # everything the appointment is built from, read together: the caller's organization and
     # its chain, the referral, the Schedule (or the bed and its ward)
-    tx.prefetch([tx.ctx.organization or tx.ctx.practitioner, referral, row["group_ref"] if row["kind"] == "slot" else unit],
-                follow="partof")
+    built_from = row["group_ref"] if row["kind"] == "slot" else unit
+    tx.prefetch([tx.ctx.organization or tx.ctx.practitioner, referral, built_from], follow="partof")
     caller = identify_caller(tx, tx.ctx, patient=patient, referrals=[referral] if referral else [], strict=True)
     _CALLERS[tx] = caller  # the Appointment hook of this transaction need not identify the caller again
     _UNITS[tx] = {unit}

@@ -158,8 +158,8 @@ def _prefetch_statement(count: int, follow: str | None) -> Prepared:
             chain = seeds.cte("chain", recursive=True)
             parent = R.alias("parent")
             step = (sa.select(parent.c.resource_type, parent.c.id, parent.c.seq, chain.c.d + sa.literal_column("1"))
-                    .select_from(chain.join(_REF, sa.and_(_REF.c.resource_type == chain.c.t, _REF.c.resource_id == chain.c.i,
-                                                          _REF.c.param == follow))
+                    .select_from(chain.join(_REF, sa.and_(_REF.c.resource_type == chain.c.t,
+                                                          _REF.c.resource_id == chain.c.i, _REF.c.param == follow))
                                  .join(parent, sa.and_(parent.c.resource_type == _REF.c.target_type,
                                                        parent.c.id == _REF.c.target_id)))
                     .where(chain.c.d < PREFETCH_DEPTH))
