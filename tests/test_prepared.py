@@ -39,4 +39,3 @@ def test_prepared_statements_answer_what_sqlalchemy_answers(engine: sa.Engine) -
             texts = conn.execute(sa.text("SELECT statement FROM pg_prepared_statements")).scalars().all()
             assert any("FROM idx_token" in text and "$1" in text for text in texts), texts
         conn.execute(TOKEN.delete().where(TOKEN.c.resource_id == owner))
-
