@@ -18,6 +18,7 @@ from uuid import uuid4
 import orjson
 
 from service.fhir.access import AccessContext
+from service.fhir.ids import new_id
 from service.fhir.errors import BadRequest, FhirError, Issue, PreconditionFailed, Unprocessable
 from service.fhir.matching import Matcher
 from service.fhir.store import (
@@ -211,7 +212,7 @@ def _assign_ids(tx: StoreTransaction, entries: list[_Entry]) -> tuple[dict[str, 
                     entry.resource_id = matches[0]
                     entry.matched_existing = True
             if entry.resource_id is None:
-                entry.resource_id = uuid4().hex
+                entry.resource_id = new_id()
             if entry.if_none_exist:
                 matcher.remember(entry.resource_type, entry.if_none_exist, entry.resource_id)
             target = f"{entry.resource_type}/{entry.resource_id}"
@@ -220,7 +221,7 @@ def _assign_ids(tx: StoreTransaction, entries: list[_Entry]) -> tuple[dict[str, 
                 matches = matcher.find(entry.resource_type, entry.query)
                 if len(matches) > 1:
                     raise _entry_error(entry, PreconditionFailed(f"'{entry.query}' matches {len(matches)} resources"))
-                entry.resource_id = matches[0] if matches else (entry.resource or {}).get("id") or uuid4().hex
+                entry.resource_id = matches[0] if matches else (entry.resource or {}).get("id") or new_id()
             target = f"{entry.resource_type}/{entry.resource_id}"
         if target and entry.full_url:
             ids[entry.full_url] = target

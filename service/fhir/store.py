@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
 
 import orjson
 import sqlalchemy as sa
@@ -28,6 +27,7 @@ from sqlalchemy.engine import Engine
 from service.fhir import pg_writes, tables
 from service.fhir.access import AccessContext
 from service.fhir.db import execute_prepared, is_postgres, read_transaction, write_transaction
+from service.fhir.ids import new_id
 from service.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable
 from service.fhir.hooks import AccessPolicy, OpenPolicy, WriteEvent, WriteHooks
 from service.fhir.indexing import IndexRows, index_resource
@@ -408,7 +408,7 @@ class StoreTransaction:
                 )
             if matches:
                 return WriteResult(self.read(resource_type, matches[0]), created=False, changed=False)
-        resource_id = resource_id or uuid4().hex
+        resource_id = resource_id or new_id()
         event = self._before_write(resource_type, resource_id, "POST", resource, None)
         stored = self._store_new([(resource, resource_id)])[0]
         self._after_write(event)

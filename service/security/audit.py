@@ -42,7 +42,6 @@ from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote_plus
-from uuid import uuid4
 
 import orjson
 import sqlalchemy as sa
@@ -53,6 +52,7 @@ from service.fhir import tables
 from service.fhir.access import AccessContext
 from service.fhir.db import execute_prepared, is_postgres, write_transaction
 from service.fhir.errors import Forbidden, Issue, operation_outcome
+from service.fhir.ids import new_id
 from service.fhir.hooks import ANY_TYPE, WriteEvent, WriteHooks
 from service.fhir.store import ResourceStore, fhir_instant
 from service.security.audit_tables import AuditQueueEntry
@@ -512,7 +512,7 @@ def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | Non
             rows = tx.conn.execute(query, {"n": batch_size}).all()
             if not rows:
                 break
-            tx.create_many([(orjson.loads(record), uuid4().hex) for _, record in rows])
+            tx.create_many([(orjson.loads(record), new_id()) for _, record in rows])
             seqs = [seq for seq, _ in rows]
             if is_postgres(tx.conn):  # one array parameter, not 200 placeholders to convert
                 execute_prepared(tx.conn, _DELETE_QUEUED_SQL, (seqs,))
