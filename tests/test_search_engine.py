@@ -163,6 +163,17 @@ def test_token_escaped_separators(store: MiniStore) -> None:
     ("name:contains=%", set()),
     ("name:contains=_", set()),
     ("family:missing=true", set()),
+    # Rows shared between parameters (searchparams.share_string_rows) answer as if each had its own:
+    ("phonetic=张", {"p2"}),  # phonetic reads name's rows (the same expression, Patient.name)
+    ("phonetic=hans", {"p1"}),
+    ("phonetic:exact=Smith", {"p3"}),
+    ("phonetic:missing=false", {"p1", "p2", "p3"}),
+    ("name:missing=false", {"p1", "p2", "p3"}),  # p1 and p3 have no name text: family/given rows count
+    ("address=bei", {"p1"}),  # p1's address is only a city: address-city's row counts for address
+    ("address:exact=Beijing", {"p1"}),
+    ("address:contains=jin", {"p1"}),
+    ("address:missing=true", {"p2", "p3"}),
+    ("address=bei&name=mu", {"p1"}),
 ])
 def test_string(store: MiniStore, query: str, expected: set[str]) -> None:
     assert store.id_set("Patient", query) == expected
@@ -303,6 +314,8 @@ def test_uri(store: MiniStore, query: str, expected: set[str]) -> None:
     ("_sort=-gender", ["p3", "p1", "p2"]),
     ("_sort=active,-_id", ["p2", "p1", "p3"]),  # false < true; p3 has none
     ("_sort:desc=family", ["p2", "p3", "p1"]),
+    ("_sort=name", ["p1", "p3", "p2"]),  # hans (a given name) < smith < 三: family and given rows count
+    ("_sort=-name", ["p2", "p3", "p1"]),  # 张三 > zoe > muller
 ])
 def test_sort(store: MiniStore, query: str, expected: list[str]) -> None:
     assert store.ids("Patient", query) == expected

@@ -133,6 +133,26 @@ def test_parts_for_base() -> None:
     assert parts_for_base("name | alias", "InsurancePlan") == ["name", "alias"]
 
 
+def test_string_parameters_with_the_same_values_share_index_rows() -> None:
+    patient = params_for("Patient")
+    assert patient["name"].keys == ("name", "family", "given") and patient["name"].parts_left == ("family", "given")
+    assert patient["phonetic"].keys == patient["name"].keys and not patient["phonetic"].writes_rows
+    assert patient["address"].keys == ("address", "address-city", "address-state", "address-postalcode",
+                                       "address-country")
+    assert patient["family"].keys == ("family",) and patient["family"].writes_rows
+    # Organization.phonetic is Organization.name, its name also the aliases: nothing to share
+    organization = params_for("Organization")
+    assert organization["phonetic"].keys == ("phonetic",) and organization["name"].keys == ("name",)
+
+
+def test_a_custom_parameter_over_an_address_part_takes_that_part(tmp_path: Path) -> None:
+    (tmp_path / "SearchParameter-district.json").write_text(json.dumps(_sp(
+        url="https://yilian.example.org/fhir/SearchParameter/district", code="district", type="string",
+        base=["Patient"], expression="Patient.address.district")), encoding="utf-8")
+    address = load_registry(DEFINITIONS_FILE, tmp_path).params_for("Patient")["address"]
+    assert "district" in address.parts_left and "district" in address.keys
+
+
 def _sp(**kw: object) -> dict:
     return {"resourceType": "SearchParameter", "status": "active", **kw}
 

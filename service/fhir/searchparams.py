@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from service.fhir.indexing.model import RESOURCE_TYPES
 from service.fhir.indexing.paths import parts_for_base, root_of, split_union
+from service.fhir.indexing.values import ADDRESS_PARTS, NAME_PARTS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,22 @@ class SearchParam:
     description: str = ""
     column: bool = False  # answered from the resource table (_id, _lastUpdated), not the index
     components: tuple[Component, ...] = ()  # composite parameters only
+    #: The index keys whose rows are this parameter's values; () means its own code. Set by
+    #: :func:`share_string_rows`: ``phonetic`` reads the rows of ``name``, ``address`` also
+    #: those of ``address-city`` ...
+    index_codes: tuple[str, ...] = ()
+    #: Parts of a HumanName / Address this parameter leaves to the parameters in index_codes.
+    parts_left: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The ``param`` values of the index rows a search of this parameter reads."""
+        return self.index_codes or (self.code,)
+
+    @property
+    def writes_rows(self) -> bool:
+        """False when another parameter's rows are this one's (same expression)."""
+        return self.code in self.keys
 
 
 class Registry:
@@ -75,13 +92,46 @@ class Registry:
         common = by_type.get(COMMON, {})
         self._merged: dict[str, dict[str, SearchParam]] = {}
         for rt in sorted(RESOURCE_TYPES | (by_type.keys() - {COMMON})):
-            self._merged[rt] = {**common, **by_type.get(rt, {})}
+            self._merged[rt] = share_string_rows({**common, **by_type.get(rt, {})})
 
     def params_for(self, resource_type: str) -> dict[str, SearchParam]:
         return self._merged.get(resource_type, {})
 
     def supported_types(self) -> list[str]:
         return list(self._merged)
+
+
+def share_string_rows(params: dict[str, SearchParam]) -> dict[str, SearchParam]:
+    """The string parameters of one type, sharing index rows instead of writing them twice.
+
+    * Parameters with the same expression (``Patient.phonetic`` and ``Patient.name``, both
+      ``Patient.name``) share one set of rows, written under the first code in sorted order.
+    * A parameter over names or addresses (``address``: ``Patient.address``) leaves a part to
+      the parameter whose expression is exactly that part (``address-city``:
+      ``Patient.address.city``) and reads that parameter's rows as well as its own.
+
+    Every search sees the values it saw before (each row now exists once); a Patient with a
+    name and an address writes 20 index rows instead of 29. Driven by the expressions alone:
+    a custom parameter with another expression shares nothing.
+    """
+    strings = sorted((p for p in params.values() if p.type == "string" and p.expression and not p.column),
+                     key=lambda p: p.code)
+    owners: dict[str, SearchParam] = {}  # expression -> the parameter that writes its rows
+    for p in strings:
+        owners.setdefault(p.expression or "", p)
+    parts_of = {part: f".{part}" for part in (*NAME_PARTS, *ADDRESS_PARTS)}
+    shared = dict(params)
+    for expression, owner in owners.items():
+        left = {part: owners[expression + suffix].code for part, suffix in parts_of.items()
+                if expression + suffix in owners and "|" not in expression}
+        if left:
+            owner = replace(owner, index_codes=(owner.code, *dict.fromkeys(left.values())), parts_left=tuple(left))
+        shared[owner.code] = owner
+    for p in strings:
+        owner = shared[owners[p.expression or ""].code]
+        if owner.code != p.code:
+            shared[p.code] = replace(p, index_codes=owner.keys)
+    return shared
 
 
 def _param_from_definition(base: str, code: str, d: dict[str, Any]) -> SearchParam:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from service.fhir.indexing.paths import Accessor, UnionAccessor, compile_expression
-from service.fhir.indexing.values import CONVERTERS, Collector, Converter
+from service.fhir.indexing.values import ADDRESS_PARTS, CONVERTERS, NAME_PARTS, Collector, Converter, string_converter
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,18 @@ def plan_for(resource_type: str) -> tuple[PlanEntry, ...]:
     """The compiled parameters of ``resource_type`` that produce index rows.
 
     Column parameters (_id, _lastUpdated), composites (searched through their components'
-    rows) and special parameters are not indexed.
+    rows), special parameters and parameters that read another's rows are not indexed.
     """
     from service.fhir.searchparams import params_for  # late: searchparams imports this package
 
     plan = []
     for p in params_for(resource_type).values():
         convert = CONVERTERS.get(p.type)
-        if convert is None or p.column or not p.expression:
+        if convert is None or p.column or not p.expression or not p.writes_rows:
             continue
+        if p.parts_left:
+            convert = string_converter(tuple(x for x in NAME_PARTS if x not in p.parts_left),
+                                       tuple(x for x in ADDRESS_PARTS if x not in p.parts_left))
         plan.append(PlanEntry(p.code, p.type, compile_expression(p.expression, resource_type), convert))
     return tuple(plan)
 

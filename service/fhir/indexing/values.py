@@ -172,8 +172,9 @@ def token(c: Collector, param: str, fhir_type: str | None, v: Any) -> None:
 
 # --- string ---------------------------------------------------------------------------------
 
-_NAME_PARTS = ("family", "given", "prefix", "suffix", "text")
-_ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", "text")
+#: The parts of a HumanName / Address that are each a row of a string parameter over it.
+NAME_PARTS = ("family", "given", "prefix", "suffix", "text")
+ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", "text")
 
 
 def _string_row(c: Collector, param: str, s: Any) -> None:
@@ -182,23 +183,33 @@ def _string_row(c: Collector, param: str, s: Any) -> None:
         c.strings.append((param, normalize_string(exact), exact))
 
 
-def string(c: Collector, param: str, fhir_type: str | None, v: Any) -> None:
-    """string/markdown primitives; every part of a HumanName or Address is its own row."""
-    if type(v) is str:
-        _string_row(c, param, v)
-        return
-    if type(v) is not dict:
-        return
-    if fhir_type is None:
-        fhir_type = guess_type(v)
-    parts = _NAME_PARTS if fhir_type == "HumanName" else _ADDRESS_PARTS if fhir_type == "Address" else ()
-    for part in parts:
-        x = v.get(part)
-        if type(x) is list:
-            for item in x:
-                _string_row(c, param, item)
-        else:
-            _string_row(c, param, x)
+def string_converter(name_parts: tuple[str, ...] = NAME_PARTS,
+                     address_parts: tuple[str, ...] = ADDRESS_PARTS) -> Converter:
+    """The string converter, writing a row for the given parts of names and addresses (a
+    parameter leaves out the parts another parameter indexes already: ``searchparams``)."""
+
+    def string(c: Collector, param: str, fhir_type: str | None, v: Any) -> None:
+        """string/markdown primitives; every part of a HumanName or Address is its own row."""
+        if type(v) is str:
+            _string_row(c, param, v)
+            return
+        if type(v) is not dict:
+            return
+        if fhir_type is None:
+            fhir_type = guess_type(v)
+        parts = name_parts if fhir_type == "HumanName" else address_parts if fhir_type == "Address" else ()
+        for part in parts:
+            x = v.get(part)
+            if type(x) is list:
+                for item in x:
+                    _string_row(c, param, item)
+            else:
+                _string_row(c, param, x)
+
+    return string
+
+
+string = string_converter()
 
 
 # --- date -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from service.fhir import tables
 from service.fhir.search.dialect import Dialect
+from service.fhir.searchparams import get_param
 from service.fhir.search.model import (
     ID_TYPE,
     LAST_UPDATED_TYPE,
@@ -159,11 +160,12 @@ class Builder:
         t = named_alias(table, self._name("i"))
         tests = [self._value_test(t, clause, v) for v in clause.values]
         return sa.select(t.c.resource_id).where(
-            t.c.resource_type == resource_type, t.c.param == clause.code, sa.or_(*tests))
+            t.c.resource_type == resource_type, _param_is(t.c.param, resource_type, clause.code), sa.or_(*tests))
 
     def _param_rows(self, resource_type: str, ptype: str, code: str) -> sa.Select:
         t = named_alias(INDEX_BY_TYPE[ptype], self._name("m"))
-        return sa.select(t.c.resource_id).where(t.c.resource_type == resource_type, t.c.param == code)
+        return sa.select(t.c.resource_id).where(t.c.resource_type == resource_type,
+                                                _param_is(t.c.param, resource_type, code))
 
     def _name(self, stem: str) -> str:
         self._aliases += 1
@@ -274,11 +276,19 @@ class Builder:
         key = (
             sa.select(agg)
             .where(t.c.resource_type == resource_type, t.c.resource_id == r.c.id,
-                   t.c.param.concat("") == spec.code)
+                   _param_is(t.c.param.concat(""), resource_type, spec.code))
             .correlate(r)
             .scalar_subquery()
         )
         return key, True
+
+
+def _param_is(column: sa.ColumnElement, resource_type: str, code: str) -> sa.ColumnElement:
+    """Rows of parameter ``code``: its own, or those it shares with others (``phonetic`` reads
+    ``name``'s rows, ``address`` also ``address-city``'s: searchparams.share_string_rows)."""
+    param = get_param(resource_type, code)
+    keys = param.keys if param is not None else (code,)
+    return column == keys[0] if len(keys) == 1 else column.in_(keys)
 
 
 # -- comparison semantics (R4 3.1.1.5.6) ----------------------------------------------------------
