@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def create_engine(url: str, *, pool_size: int = 20) -> Engine:
                               connect_args={"options": "-c jit=off"}, **_JSON_CODEC)
     sa.event.listen(engine, "checkin", _note_checkin)
     sa.event.listen(engine, "checkout", _ping_if_idle)
+    sa.event.listen(engine, "before_cursor_execute", _send_held_first)
     engine.dialect.do_rollback = _rollback_keeping_prepared_statements  # type: ignore[method-assign]
     return engine
 
@@ -121,6 +123,8 @@ def execute_prepared(conn: sa.Connection, sql: str, params: Sequence[Any]) -> li
     One cursor per connection is kept and reused, and whether rows came back is read off the
     result's status: a new cursor, and the column descriptions psycopg builds when asked for
     ``description``, cost a quarter of psycopg's time for a short statement."""
+    if HELD in conn.info:
+        send_held(conn)
     driver = conn.connection.driver_connection
     cursor = _CURSORS.get(driver)
     if cursor is None or cursor.closed:
@@ -134,16 +138,85 @@ def execute_prepared(conn: sa.Connection, sql: str, params: Sequence[Any]) -> li
 _CURSORS: weakref.WeakKeyDictionary[Any, psycopg.RawCursor[Any]] = weakref.WeakKeyDictionary()
 
 
+# -- held writes (PostgreSQL) -------------------------------------------------------------------
+
+#: ``conn.info`` key of the writes a PostgreSQL transaction holds back (:class:`HeldWrites`).
+HELD = "yilian.held_writes"
+
+#: The CTEs of one held write, given a name prefix and the number of its first placeholder.
+CteBuilder = Callable[[str, int], list[str]]
+
+
+@dataclass
+class HeldWrites:
+    """Data-modifying statements of a write transaction whose results nothing reads, held back
+    and sent together as one statement of CTEs: just before the transaction's next statement,
+    or at its end. When nothing else ran, that statement is the whole transaction, sent in
+    autocommit: a create and its audit records travel in one round trip instead of four
+    (BEGIN, create, audit records, COMMIT), with the same all-or-nothing outcome."""
+
+    ctes: list[str] = field(default_factory=list)
+    params: list[Any] = field(default_factory=list)
+
+    def add(self, ctes: CteBuilder, params: Sequence[Any]) -> None:
+        self.ctes += ctes(f"h{len(self.ctes)}_", len(self.params) + 1)
+        self.params += params
+
+    def statement(self) -> str:
+        return "WITH " + ", ".join(self.ctes) + " SELECT 1"
+
+
+def hold(conn: sa.Connection, ctes: CteBuilder, params: Sequence[Any]) -> bool:
+    """Hold back a write whose result nothing reads (see :class:`HeldWrites`); False when it
+    cannot be held — SQLite, a read, or a transaction that has sent statements already — and
+    the caller runs it now."""
+    held = conn.info.get(HELD)
+    if held is None:
+        if not conn.info.get("write") or not is_postgres(conn):
+            return False
+        if conn.connection.driver_connection.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            return False
+        held = conn.info[HELD] = HeldWrites()
+    held.add(ctes, params)
+    return True
+
+
+def send_held(conn: sa.Connection, *, at_end: bool = False) -> None:
+    """Send what ``conn`` holds back, if anything: in its transaction, or at the transaction's
+    end (``at_end``), when nothing else was sent, as the whole transaction (autocommit)."""
+    held: HeldWrites | None = conn.info.pop(HELD, None)
+    if held is None:
+        return
+    driver = conn.connection.driver_connection
+    alone = at_end and driver.pgconn.transaction_status == pq.TransactionStatus.IDLE
+    if alone:
+        driver.autocommit = True  # COMMIT at the statement's end; psycopg then commits nothing
+    try:
+        execute_prepared(conn, held.statement(), held.params)
+    finally:
+        if alone:
+            driver.autocommit = False
+
+
+def _send_held_first(conn, _cursor, _statement, _parameters, _context, _executemany) -> None:  # type: ignore[no-untyped-def]
+    """Any other statement of the transaction runs after the held writes (it may read them)."""
+    if HELD in conn.info:
+        send_held(conn)
+
+
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[sa.Connection]:
-    """One database transaction for a write. On SQLite it starts with BEGIN IMMEDIATE."""
+    """One database transaction for a write. On SQLite it starts with BEGIN IMMEDIATE; on
+    PostgreSQL held writes (:func:`hold`) are sent last, before COMMIT or as the transaction."""
     with engine.connect() as conn:
         conn.info["write"] = True
         try:
             with conn.begin():
                 yield conn
+                send_held(conn, at_end=True)
         finally:
             conn.info["write"] = False
+            conn.info.pop(HELD, None)  # a failed transaction sends nothing it held
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import orjson
 import sqlalchemy as sa
 
 from service.fhir import tables
-from service.fhir.db import execute_prepared
+from service.fhir.db import execute_prepared, hold
 
 INDEX_TARGETS = tables.INDEX_TARGETS
 
@@ -68,8 +68,9 @@ def _insert_index_rows(table: sa.Table, document: str, where: str = "") -> str:
             f"FROM jsonb_to_recordset({document} -> '{attribute}') AS x({record})" + (f" WHERE {where}" if where else ""))
 
 
-def _index_ctes(document: str, where: str = "") -> list[str]:
-    return [f"i{n} AS ({_insert_index_rows(table, document, where)})" for n, (_, table) in enumerate(INDEX_TARGETS)]
+def _index_ctes(document: str, where: str = "", prefix: str = "") -> list[str]:
+    return [f"{prefix}i{n} AS ({_insert_index_rows(table, document, where)})"
+            for n, (_, table) in enumerate(INDEX_TARGETS)]
 
 
 def _delete_ctes(owned: str) -> list[str]:
@@ -78,17 +79,24 @@ def _delete_ctes(owned: str) -> list[str]:
             for n, (_, table) in enumerate(INDEX_TARGETS)]
 
 
-#: Create: versions (1), pointers and index rows of many resources. $1 the versions as a JSON
-#: array of {t, i, m, c}, $2 their lastUpdated, $3 the index rows as {tokens: [...], ...}.
-CREATE_SQL = (
-    "WITH v AS (INSERT INTO resource_version (resource_type, id, version_id, last_updated, method, deleted, content) "
-    "SELECT x.t, x.i, 1, $2, x.m, false, x.c FROM jsonb_to_recordset($1::jsonb) AS x(t text, i text, m text, c jsonb) "
-    "RETURNING resource_type, id, seq), "
-    "p AS (INSERT INTO resource (resource_type, id, version_id, seq, created_seq, last_updated, deleted) "
-    "SELECT resource_type, id, 1, seq, seq, $2, false FROM v), "
-    + ", ".join(_index_ctes("$3::jsonb"))
-    + " SELECT resource_type, id, seq FROM v"
-)
+def create_ctes(prefix: str = "", first: int = 1) -> list[str]:
+    """The CTEs of a create: versions (1), pointers and index rows of many resources, named
+    after ``prefix``, reading ${first} the versions as a JSON array of {t, i, m, c},
+    ${first + 1} their lastUpdated, ${first + 2} the index rows as {tokens: [...], ...}."""
+    versions, updated, rows = (f"${first + k}" for k in range(3))
+    return [
+        f"{prefix}v AS (INSERT INTO resource_version (resource_type, id, version_id, last_updated, method, deleted, "
+        f"content) SELECT x.t, x.i, 1, {updated}, x.m, false, x.c "
+        f"FROM jsonb_to_recordset({versions}::jsonb) AS x(t text, i text, m text, c jsonb) "
+        "RETURNING resource_type, id, seq)",
+        f"{prefix}p AS (INSERT INTO resource (resource_type, id, version_id, seq, created_seq, last_updated, deleted) "
+        f"SELECT resource_type, id, 1, seq, seq, {updated}, false FROM {prefix}v)",
+        *_index_ctes(f"{rows}::jsonb", prefix=prefix),
+    ]
+
+
+#: Create (see create_ctes), answering the seq of each version.
+CREATE_SQL = "WITH " + ", ".join(create_ctes()) + " SELECT resource_type, id, seq FROM v"
 
 #: Create unless the id is taken meanwhile (PUT to a new id): as CREATE_SQL for one resource,
 #: but nothing is written when another transaction has created the id since this one looked
@@ -135,9 +143,15 @@ def index_document(batches: dict[str, list[dict[str, Any]]]) -> str:
 
 def create(conn: sa.Connection, versions: Sequence[NewVersion], last_updated: datetime,
            index_rows: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], int]:
-    """Store version 1 of each resource, its pointer and its index rows; their seqs by (type, id)."""
-    rows = execute_prepared(conn, CREATE_SQL, (versions_document(versions).decode(), last_updated,
-                                               index_document(index_rows)))
+    """Store version 1 of each resource, its pointer and its index rows; their seqs by (type, id).
+
+    When the transaction has sent nothing yet, the create is held back (``db.hold``) and sent
+    with whatever else is held, before the transaction's next statement or as the whole
+    transaction at its end; the seqs are then unknown (an empty mapping)."""
+    params = (versions_document(versions).decode(), last_updated, index_document(index_rows))
+    if hold(conn, create_ctes, params):
+        return {}
+    rows = execute_prepared(conn, CREATE_SQL, params)
     return {(t, i): seq for t, i, seq in rows}
 
 

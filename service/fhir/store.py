@@ -527,7 +527,8 @@ class StoreTransaction:
             versions = [pg_writes.NewVersion(r["resourceType"], i, "POST", orjson.dumps(r)) for r, i in items]
             seqs = pg_writes.create(self.conn, versions, now, _index_batches(
                 (r["resourceType"], i, r) for r, i in items))
-            return [StoredResource(v.resource_type, v.id, 1, now, v.content, seqs[(v.resource_type, v.id)])
+            # seq 0: the create is held back until the transaction's end (pg_writes.create)
+            return [StoredResource(v.resource_type, v.id, 1, now, v.content, seqs.get((v.resource_type, v.id), 0))
                     for v in versions]
         rows = [{"resource_type": r["resourceType"], "id": i, "version_id": 1, "last_updated": now,
                  "method": "POST", "deleted": False, "content": r} for r, i in items]

@@ -50,7 +50,7 @@ from sqlalchemy.engine import Engine
 from service.demo.codes import BASE
 from service.fhir import tables
 from service.fhir.access import AccessContext
-from service.fhir.db import execute_prepared, is_postgres, write_transaction
+from service.fhir.db import execute_prepared, hold, is_postgres, write_transaction
 from service.fhir.errors import Forbidden, Issue, operation_outcome
 from service.fhir.ids import new_id
 from service.fhir.hooks import ANY_TYPE, WriteEvent, WriteHooks
@@ -351,6 +351,13 @@ def record_configuration_change(conn: sa.Connection, ctx: AccessContext, *, what
 
 #: PostgreSQL: queue records in one prepared statement ($2: a JSON array of resources) ...
 _QUEUE_SQL = f"INSERT INTO {QUEUE.name} (queued_at, resource) SELECT $1, r FROM jsonb_array_elements($2::jsonb) AS r"
+
+
+def _queue_ctes(prefix: str, first: int) -> list[str]:
+    """_QUEUE_SQL as a CTE, to travel with the transaction's held writes (``db.hold``)."""
+    return [f"{prefix}q AS (INSERT INTO {QUEUE.name} (queued_at, resource) "
+            f"SELECT ${first}, r FROM jsonb_array_elements(${first + 1}::jsonb) AS r)"]
+
 #: ... and remove a drained batch with one array parameter.
 _DELETE_QUEUED_SQL = f"DELETE FROM {QUEUE.name} WHERE seq = ANY($1::bigint[])"
 
@@ -360,7 +367,9 @@ def queue_records(conn: sa.Connection, queued_at: datetime, records: list[dict[s
     if not records:
         return
     if is_postgres(conn):
-        execute_prepared(conn, _QUEUE_SQL, (queued_at, orjson.dumps(records).decode()))
+        params = (queued_at, orjson.dumps(records).decode())
+        if not hold(conn, _queue_ctes, params):
+            execute_prepared(conn, _QUEUE_SQL, params)
     else:
         conn.execute(QUEUE.insert(), [{"queued_at": queued_at, "resource": record} for record in records])
 
