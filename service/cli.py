@@ -59,10 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from service.serve import serve
 
-    uvicorn.run("service.main:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=get_settings().log_level, proxy_headers=True)
+    serve("service.main:app", host=args.host, port=args.port, workers=args.workers,
+          log_level=get_settings().log_level, proxy_headers=True)
     return 0
 
 
