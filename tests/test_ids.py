@@ -4,6 +4,7 @@ that each new resource is appended next to the previous one in every b-tree keye
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from uuid import UUID
@@ -56,3 +57,23 @@ async def test_created_resources_get_time_ordered_ids(client: httpx.AsyncClient)
     for resource_id in created + locations:
         assert UUID(hex=resource_id).version == 7
     assert created[0] < created[1] < min(locations)
+
+
+def test_ids_stay_unique_across_threads_and_forked_processes() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(lambda _: [new_id() for _ in range(5000)], range(4)))
+    assert len({i for batch in batches for i in batch}) == 20000
+
+    new_id()  # this thread now holds random bytes a forked child must not reuse
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    in_child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert in_child[12:] != new_id()[12:]  # the random parts differ

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
-from uuid import uuid4
 
 import orjson
 
 from service.fhir.access import AccessContext
-from service.fhir.ids import new_id
 from service.fhir.errors import BadRequest, FhirError, Issue, PreconditionFailed, Unprocessable
+from service.fhir.ids import new_id
 from service.fhir.matching import Matcher
 from service.fhir.store import (
     HistoryEntry,
@@ -71,7 +70,7 @@ def process_bundle(store: ResourceStore, ctx: AccessContext, bundle: dict[str, A
         responses = [_run_batch_entry(store, ctx, i, raw, base_url) for i, raw in enumerate(raw_entries)]
     return orjson.dumps({
         "resourceType": "Bundle",
-        "id": uuid4().hex,
+        "id": new_id(),
         "type": f"{kind}-response",
         "entry": [{"response": r["response"], **({"resource": r["resource"]} if "resource" in r else {})}
                   for r in responses],

@@ -27,9 +27,9 @@ from sqlalchemy.engine import Engine
 from service.fhir import pg_writes, tables
 from service.fhir.access import AccessContext
 from service.fhir.db import execute_prepared, is_postgres, read_transaction, write_transaction
-from service.fhir.ids import new_id
 from service.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable
 from service.fhir.hooks import AccessPolicy, OpenPolicy, WriteEvent, WriteHooks
+from service.fhir.ids import new_id
 from service.fhir.indexing import IndexRows, index_resource
 from service.fhir.statements import Prepared, StatementCache
 from service.fhir.validation import validate_resource

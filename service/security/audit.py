@@ -52,8 +52,8 @@ from service.fhir import tables
 from service.fhir.access import AccessContext
 from service.fhir.db import execute_prepared, hold, is_postgres, write_transaction
 from service.fhir.errors import Forbidden, Issue, operation_outcome
-from service.fhir.ids import new_id
 from service.fhir.hooks import ANY_TYPE, WriteEvent, WriteHooks
+from service.fhir.ids import new_id
 from service.fhir.store import ResourceStore, fhir_instant
 from service.security.audit_tables import AuditQueueEntry
 from service.security.masking import mask_body, mask_text, may_see_resident_ids

@@ -10,11 +10,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
-from uuid import uuid4
 
 import orjson
 
 from service.fhir.errors import operation_outcome
+from service.fhir.ids import new_id
 from service.fhir.search.model import SearchPage
 
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
@@ -25,7 +25,7 @@ def searchset_bundle(page: SearchPage, *, base_url: str) -> bytes:
     """``Bundle`` (type searchset) for ``page``; ``base_url`` is the FHIR base (``.../fhir``)."""
     base = base_url.rstrip("/")
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid4()), "meta": {"lastUpdated": now},
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "id": new_id(), "meta": {"lastUpdated": now},
                               "type": "searchset"}
     if page.total is not None:
         bundle["total"] = page.total
