@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         version=__version__,
         description="FHIR R4 (4.0.1) gateway for medical alliances: two-way referral, reserved capacity, "
         "record sharing. Resources are exchanged as application/fhir+json.",
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.engine = engine
