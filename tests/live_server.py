@@ -39,18 +39,23 @@ def live_server(database_url: str, *, workers: int = 2, env: dict[str, str] | No
         cwd=ROOT, env=environment, start_new_session=True,
     )
     try:
-        _wait_healthy(base, process, startup_timeout)
+        wait_healthy(base, process, startup_timeout)
         yield f"{base}/fhir"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
+        stop(process)
 
 
-def _wait_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (supervisor and workers), SIGKILL if it lingers."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+def wait_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

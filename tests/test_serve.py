@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import pytest
 
 from service.serve import balances_listeners
-from tests.live_server import ROOT, _wait_healthy, free_port
+from tests.live_server import ROOT, free_port, stop, wait_healthy
 
 pytestmark = pytest.mark.skipif(not balances_listeners(), reason="SO_REUSEPORT balancing is Linux's")
 
@@ -32,15 +32,10 @@ def yilian_serve(database_url: str, workers: int) -> Iterator[tuple[int, subproc
     process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                                 "--workers", str(workers)], cwd=ROOT, env=env, start_new_session=True)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", process, 60.0)
+        wait_healthy(f"http://127.0.0.1:{port}", process, 60.0)
         yield port, process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
+        stop(process)
 
 
 def _sockets(port: int, state: str) -> list[str]:
