@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +107,14 @@ def usage(before: Snapshot | None, after: Snapshot | None, *, wrk_seconds: float
         start = before.per_process.get(pid, (role, 0.0))[1]
         seconds[role] = seconds.get(role, 0.0) + max(0.0, cpu - start)
     return CpuUsage(seconds, after.machine_busy - before.machine_busy, after.machine_total - before.machine_total)
+
+
+def speed_probe_ms(iterations: int = 1_000_000) -> float:
+    """CPU milliseconds this process needs for a fixed pure-Python loop: how fast the machine
+    is right now. Here it varied by half within an hour (a shared host), and the same code's
+    CPU per request with it; figures of two runs compare only at similar probes."""
+    began = time.process_time()
+    x = 0
+    for i in range(iterations):
+        x += i * i % 7
+    return (time.process_time() - began) * 1000

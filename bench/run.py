@@ -18,7 +18,10 @@ Per database (PostgreSQL and/or SQLite), a run:
    :func:`vacuum_postgres`), after a short warm-up and a one-request smoke check of the answer's content, and counts the
    CPU time the server, PostgreSQL and wrk used meanwhile (``bench.cpu``) — until the server's
    background drain has stored the scenario's audit records too: the table shows how long
-   that took after wrk stopped and the rate counting that time ("req/s with it");
+   that took after wrk stopped and the rate counting that time ("req/s with it"). Before each
+   scenario a fixed Python loop is timed (``bench.cpu.speed_probe_ms``, the "probe ms" column):
+   on a shared host the machine's speed wanders, and CPU per request compares only at
+   similar probes;
 5. stops the server (SIGINT, then SIGKILL of its process group if it lingers) whatever happens.
 
 Reads and searches run before the writes, so that every search sees exactly the loaded
@@ -97,6 +100,7 @@ class ScenarioResult:
     failure: str | None = None
     cpu_usage: cpu.CpuUsage | None = None
     audit_tail_s: float | None = None  # after wrk stopped, until the audit queue was empty
+    probe_ms: float | None = None  # cpu.speed_probe_ms() just before the scenario
 
     @property
     def rps(self) -> float | None:
@@ -238,12 +242,14 @@ def format_cpu(result: DatabaseResult) -> list[str]:
         pg = usage.per_request_ms("postgres", n)
         rows.append(f"| {scenario.key} | {_num(usage.per_request_ms('server', n), 2)} | "
                     f"{_num(pg, 2) if result.database == 'postgres' else '–'} | {_num(usage.per_request_ms('wrk', n), 3)} | "
-                    f"{usage.share(sum(usage.seconds.values())):.0%} | {usage.share(usage.others):.0%} |")
+                    f"{usage.share(sum(usage.seconds.values())):.0%} | {usage.share(usage.others):.0%} | "
+                    f"{_num(got.probe_ms, 0)} |")
     if not rows:
         return []
-    return ["CPU time per request (ms) and share of the machine's CPU during the run",
-            "", "| scenario | server workers | PostgreSQL | wrk | ours, of machine | other processes |",
-            "|---|---:|---:|---:|---:|---:|", *rows]
+    return ["CPU time per request (ms) and share of the machine's CPU during the run; probe: CPU ms of a "
+            "fixed Python loop just before the scenario (bench.cpu.speed_probe_ms), the machine's speed then",
+            "", "| scenario | server workers | PostgreSQL | wrk | ours, of machine | other processes | probe ms |",
+            "|---|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -706,6 +712,7 @@ def run_scenario(scenario: Scenario, server: Server, client: httpx.Client, input
         print(f"   FAILED {got.failure}", flush=True)
         return got
     script, script_args = wrk_arguments(scenario.key, inputs)
+    got.probe_ms = cpu.speed_probe_ms()
     try:
         if args.warmup > 0:
             run_wrk(wrk, server.base, scripts[script], script_args, duration=args.warmup,

@@ -19,6 +19,7 @@ from bench.run import (
     DatabaseResult,
     LoadResult,
     ScenarioResult,
+    format_cpu,
     format_table,
     make_dataset,
     parse_args,
@@ -273,6 +274,18 @@ def test_usage_is_the_difference_per_role_and_what_others_took() -> None:
     assert usage.share(usage.others) == pytest.approx(0.25)
     assert usage.per_request_ms("server", 1000) == pytest.approx(3.0)
     assert cpu.usage(None, after) is None
+
+
+def test_the_cpu_table_shows_the_machine_speed_probe_of_each_scenario() -> None:
+    assert cpu.speed_probe_ms(200_000) > 0
+    before = cpu.Snapshot({1: ("server", 10.0)}, machine_busy=100.0, machine_total=200.0)
+    after = cpu.Snapshot({1: ("server", 13.0)}, machine_busy=104.0, machine_total=220.0)
+    result = DatabaseResult("postgres", "postgresql://x/y", 10, 32)
+    result.scenarios["create"] = ScenarioResult("create", "create: POST", 1, _wrk(600.0),
+                                                cpu_usage=cpu.usage(before, after), probe_ms=412.4)
+    lines = format_cpu(result)
+    assert lines[2].endswith("| probe ms |")
+    assert lines[-1].startswith("| create | 0.50 |") and lines[-1].endswith("| 412 |")
 
 
 def test_the_table_shows_the_rate_counting_the_audit_drain_after_wrk_stopped() -> None:
