@@ -111,8 +111,9 @@ def usage(before: Snapshot | None, after: Snapshot | None, *, wrk_seconds: float
 
 def speed_probe_ms(iterations: int = 1_000_000) -> float:
     """CPU milliseconds this process needs for a fixed pure-Python loop: how fast the machine
-    is right now. Here it varied by half within an hour (a shared host), and the same code's
-    CPU per request with it; figures of two runs compare only at similar probes."""
+    is right now. Here it varied by half within an hour (a shared host). A hint only: a loop
+    that stays in the core's caches does not see a neighbour that slows memory-bound work
+    (the database) down."""
     began = time.process_time()
     x = 0
     for i in range(iterations):

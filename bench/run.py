@@ -20,8 +20,8 @@ Per database (PostgreSQL and/or SQLite), a run:
    background drain has stored the scenario's audit records too: the table shows how long
    that took after wrk stopped and the rate counting that time ("req/s with it"). Before each
    scenario a fixed Python loop is timed (``bench.cpu.speed_probe_ms``, the "probe ms" column):
-   on a shared host the machine's speed wanders, and CPU per request compares only at
-   similar probes;
+   on a shared host the machine's speed wanders. A hint, not a yardstick: it catches a slow
+   core, not a neighbour that takes the caches and memory bandwidth the database needs;
 5. stops the server (SIGINT, then SIGKILL of its process group if it lingers) whatever happens.
 
 Reads and searches run before the writes, so that every search sees exactly the loaded
