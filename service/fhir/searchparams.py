@@ -119,11 +119,11 @@ def share_string_rows(params: dict[str, SearchParam]) -> dict[str, SearchParam]:
     owners: dict[str, SearchParam] = {}  # expression -> the parameter that writes its rows
     for p in strings:
         owners.setdefault(p.expression or "", p)
-    parts_of = {part: f".{part}" for part in (*NAME_PARTS, *ADDRESS_PARTS)}
+    parts = dict.fromkeys((*NAME_PARTS, *ADDRESS_PARTS))
     shared = dict(params)
     for expression, owner in owners.items():
-        left = {part: owners[expression + suffix].code for part, suffix in parts_of.items()
-                if expression + suffix in owners and "|" not in expression}
+        left = {} if "|" in expression else {
+            part: owners[f"{expression}.{part}"].code for part in parts if f"{expression}.{part}" in owners}
         if left:
             owner = replace(owner, index_codes=(owner.code, *dict.fromkeys(left.values())), parts_left=tuple(left))
         shared[owner.code] = owner

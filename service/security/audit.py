@@ -349,17 +349,22 @@ def record_configuration_change(conn: sa.Connection, ctx: AccessContext, *, what
     queue_records(conn, now, [event])
 
 
-#: PostgreSQL: queue records in one prepared statement ($2: a JSON array of resources) ...
-_QUEUE_SQL = f"INSERT INTO {QUEUE.name} (queued_at, resource) SELECT $1, r FROM jsonb_array_elements($2::jsonb) AS r"
+def _queue_insert(first: int) -> str:
+    """PostgreSQL: queue records in one statement (${first}: queued_at, ${first + 1}: a JSON
+    array of resources)."""
+    return (f"INSERT INTO {QUEUE.name} (queued_at, resource) "
+            f"SELECT ${first}, r FROM jsonb_array_elements(${first + 1}::jsonb) AS r")
+
+
+#: The queue INSERT as a prepared statement of its own ...
+_QUEUE_SQL = _queue_insert(1)
+#: ... and remove a drained batch with one array parameter.
+_DELETE_QUEUED_SQL = f"DELETE FROM {QUEUE.name} WHERE seq = ANY($1::bigint[])"
 
 
 def _queue_ctes(prefix: str, first: int) -> list[str]:
-    """_QUEUE_SQL as a CTE, to travel with the transaction's held writes (``db.hold``)."""
-    return [f"{prefix}q AS (INSERT INTO {QUEUE.name} (queued_at, resource) "
-            f"SELECT ${first}, r FROM jsonb_array_elements(${first + 1}::jsonb) AS r)"]
-
-#: ... and remove a drained batch with one array parameter.
-_DELETE_QUEUED_SQL = f"DELETE FROM {QUEUE.name} WHERE seq = ANY($1::bigint[])"
+    """The queue INSERT as a CTE, to travel with the transaction's held writes (``db.hold``)."""
+    return [f"{prefix}q AS ({_queue_insert(first)})"]
 
 
 def queue_records(conn: sa.Connection, queued_at: datetime, records: list[dict[str, Any]]) -> None:

@@ -18,7 +18,6 @@ import sqlalchemy as sa
 
 from service.fhir import tables
 from service.fhir.search.dialect import Dialect
-from service.fhir.searchparams import get_param
 from service.fhir.search.model import (
     ID_TYPE,
     LAST_UPDATED_TYPE,
@@ -37,6 +36,7 @@ from service.fhir.search.model import (
     TokenValue,
     UriValue,
 )
+from service.fhir.searchparams import get_param
 
 RESOURCE: sa.Table = tables.ResourceRow.__table__  # type: ignore[attr-defined]
 VERSION: sa.Table = tables.ResourceVersion.__table__  # type: ignore[attr-defined]
