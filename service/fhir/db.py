@@ -144,7 +144,7 @@ _CURSORS: weakref.WeakKeyDictionary[Any, psycopg.RawCursor[Any]] = weakref.WeakK
 HELD = "yilian.held_writes"
 
 #: The CTEs of one held write, given a name prefix and the number of its first placeholder.
-CteBuilder = Callable[[str, int], list[str]]
+CteBuilder = Callable[[str, int], Sequence[str]]
 
 
 @dataclass

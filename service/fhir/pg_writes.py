@@ -18,6 +18,7 @@ to save).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ import sqlalchemy as sa
 
 from service.fhir import tables
 from service.fhir.db import execute_prepared, hold
+from service.fhir.indexing import IndexRows
 
 INDEX_TARGETS = tables.INDEX_TARGETS
 
@@ -56,16 +58,21 @@ def _index_columns(table: sa.Table) -> tuple[sa.Column, ...]:
 
 
 def _insert_index_rows(table: sa.Table, document: str, where: str = "") -> str:
-    """INSERT the rows under ``document -> '<attribute>'`` (owner columns included) into ``table``,
-    those satisfying ``where`` (on the record ``x``) when given."""
+    """INSERT the rows under each owner's ``'<attribute>'`` of ``document`` (a JSON array of
+    ``{t, i, tokens: [...], strings: [...], ...}``, see :func:`index_document`) into ``table``,
+    those satisfying ``where`` (on the owner ``o``) when given."""
     columns = _index_columns(table)
-    names = ", ".join(c.name for c in columns)
-    values = ", ".join(f"coalesce(x.{c.name}, {_NOT_NULL_DEFAULTS[c.name]})" if c.name in _NOT_NULL_DEFAULTS
-                       else f"x.{c.name}" for c in columns)
-    record = ", ".join(f"{c.name} {_sql_type(c)}" for c in columns)
     attribute = next(a for a, t in INDEX_TARGETS if t is table)
+    owner = {"resource_type": "o.t", "resource_id": "o.i"}
+    names = ", ".join(c.name for c in columns)
+    values = ", ".join(owner[c.name] if c.name in owner
+                       else f"coalesce(x.{c.name}, {_NOT_NULL_DEFAULTS[c.name]})" if c.name in _NOT_NULL_DEFAULTS
+                       else f"x.{c.name}" for c in columns)
+    record = ", ".join(f"{c.name} {_sql_type(c)}" for c in columns if c.name not in owner)
     return (f"INSERT INTO {table.name} ({names}) SELECT {values} "
-            f"FROM jsonb_to_recordset({document} -> '{attribute}') AS x({record})" + (f" WHERE {where}" if where else ""))
+            f'FROM jsonb_to_recordset({document}) AS o(t text, i text, "{attribute}" jsonb) '
+            f'CROSS JOIN LATERAL jsonb_to_recordset(o."{attribute}") AS x({record})'
+            + (f" WHERE {where}" if where else ""))
 
 
 def _index_ctes(document: str, where: str = "", prefix: str = "") -> list[str]:
@@ -79,12 +86,14 @@ def _delete_ctes(owned: str) -> list[str]:
             for n, (_, table) in enumerate(INDEX_TARGETS)]
 
 
-def create_ctes(prefix: str = "", first: int = 1) -> list[str]:
+@functools.cache
+def create_ctes(prefix: str = "", first: int = 1) -> tuple[str, ...]:
     """The CTEs of a create: versions (1), pointers and index rows of many resources, named
     after ``prefix``, reading ${first} the versions as a JSON array of {t, i, m, c},
-    ${first + 1} their lastUpdated, ${first + 2} the index rows as {tokens: [...], ...}."""
+    ${first + 1} their lastUpdated, ${first + 2} the index rows as {tokens: [...], ...}.
+    Cached: a held create asks for them on every request."""
     versions, updated, rows = (f"${first + k}" for k in range(3))
-    return [
+    return (
         f"{prefix}v AS (INSERT INTO resource_version (resource_type, id, version_id, last_updated, method, deleted, "
         f"content) SELECT x.t, x.i, 1, {updated}, x.m, false, x.c "
         f"FROM jsonb_to_recordset({versions}::jsonb) AS x(t text, i text, m text, c jsonb) "
@@ -92,7 +101,7 @@ def create_ctes(prefix: str = "", first: int = 1) -> list[str]:
         f"{prefix}p AS (INSERT INTO resource (resource_type, id, version_id, seq, created_seq, last_updated, deleted) "
         f"SELECT resource_type, id, 1, seq, seq, {updated}, false FROM {prefix}v)",
         *_index_ctes(f"{rows}::jsonb", prefix=prefix),
-    ]
+    )
 
 
 #: Create (see create_ctes), answering the seq of each version.
@@ -107,8 +116,7 @@ CREATE_IF_ABSENT_SQL = (
     "ON CONFLICT (resource_type, id, version_id) DO NOTHING RETURNING resource_type, id, seq), "
     "p AS (INSERT INTO resource (resource_type, id, version_id, seq, created_seq, last_updated, deleted) "
     "SELECT resource_type, id, 1, seq, seq, $2, false FROM v ON CONFLICT DO NOTHING RETURNING resource_type, id), "
-    + ", ".join(_index_ctes("$3::jsonb", "EXISTS (SELECT 1 FROM p WHERE p.resource_type = x.resource_type "
-                                          "AND p.id = x.resource_id)"))
+    + ", ".join(_index_ctes("$3::jsonb", "EXISTS (SELECT 1 FROM p WHERE p.resource_type = o.t AND p.id = o.i)"))
     + " SELECT v.seq, p.id IS NOT NULL FROM v LEFT JOIN p USING (resource_type, id)"
 )
 
@@ -137,12 +145,20 @@ def versions_document(versions: Iterable[NewVersion]) -> bytes:
     return b"[" + b",".join(parts) + b"]"
 
 
-def index_document(batches: dict[str, list[dict[str, Any]]]) -> str:
-    return orjson.dumps(batches).decode()
+#: The index rows of resources, each with its owner's type and id.
+OwnedRows = Sequence[tuple[str, str, IndexRows]]
+
+
+def index_document(owned: OwnedRows) -> str:
+    """The JSON array the index CTEs read: per resource ``{t, i, tokens: [...], ...}``, the
+    owner written once, not on each of its ~20 rows (that was half of the document's bytes,
+    all of it parsed by PostgreSQL)."""
+    parts = [orjson.dumps({"t": t, "i": i})[:-1] + b"," + orjson.dumps(rows)[1:] for t, i, rows in owned]
+    return (b"[" + b",".join(parts) + b"]").decode()
 
 
 def create(conn: sa.Connection, versions: Sequence[NewVersion], last_updated: datetime,
-           index_rows: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], int]:
+           index_rows: OwnedRows) -> dict[tuple[str, str], int]:
     """Store version 1 of each resource, its pointer and its index rows; their seqs by (type, id).
 
     When the transaction has sent nothing yet, the create is held back (``db.hold``) and sent
@@ -156,7 +172,7 @@ def create(conn: sa.Connection, versions: Sequence[NewVersion], last_updated: da
 
 
 def create_if_absent(conn: sa.Connection, version: NewVersion, last_updated: datetime,
-                     index_rows: dict[str, list[dict[str, Any]]]) -> int | None:
+                     index_rows: OwnedRows) -> int | None:
     """Version 1 of a resource at an id the caller chose: its seq, or None (and nothing
     written) when another transaction created that id first."""
     rows = execute_prepared(conn, CREATE_IF_ABSENT_SQL, (
@@ -170,7 +186,7 @@ def create_if_absent(conn: sa.Connection, version: NewVersion, last_updated: dat
 
 
 def update(conn: sa.Connection, version: NewVersion, *, version_id: int, expected_version: int,
-           last_updated: datetime, index_rows: dict[str, list[dict[str, Any]]]) -> tuple[int, bool]:
+           last_updated: datetime, index_rows: OwnedRows) -> tuple[int, bool]:
     """Store a new version, move the pointer from ``expected_version`` and replace the index
     rows; (seq, whether the pointer moved)."""
     [(seq, moved)] = execute_prepared(conn, UPDATE_SQL, (

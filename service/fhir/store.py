@@ -13,6 +13,7 @@ current version. The JSON we store already carries ``id`` and ``meta.versionId``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@functools.lru_cache(maxsize=256)  # a batch stamps hundreds of resources with one moment
 def fhir_instant(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -525,8 +527,7 @@ class StoreTransaction:
             self._stamp(resource, resource_id, 1, now)
         if self._postgres:
             versions = [pg_writes.NewVersion(r["resourceType"], i, "POST", orjson.dumps(r)) for r, i in items]
-            seqs = pg_writes.create(self.conn, versions, now, _index_batches(
-                (r["resourceType"], i, r) for r, i in items))
+            seqs = pg_writes.create(self.conn, versions, now, _owned_rows((r["resourceType"], i, r) for r, i in items))
             # seq 0: the create is held back until the transaction's end (pg_writes.create)
             return [StoredResource(v.resource_type, v.id, 1, now, v.content, seqs.get((v.resource_type, v.id), 0))
                     for v in versions]
@@ -555,7 +556,7 @@ class StoreTransaction:
             return stored
         content = orjson.dumps(resource)
         seq = pg_writes.create_if_absent(self.conn, pg_writes.NewVersion(resource_type, resource_id, method, content),
-                                         now, _index_batches([(resource_type, resource_id, resource)]))
+                                         now, [(resource_type, resource_id, index_resource(resource))])
         return None if seq is None else StoredResource(resource_type, resource_id, 1, now, content, seq)
 
     def _store_next(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
@@ -570,7 +571,7 @@ class StoreTransaction:
             seq, moved = pg_writes.update(
                 self.conn, pg_writes.NewVersion(resource_type, resource_id, method, content),
                 version_id=version_id, expected_version=expected_version, last_updated=now,
-                index_rows=_index_batches([(resource_type, resource_id, resource)]))
+                index_rows=[(resource_type, resource_id, index_resource(resource))])
             if not moved:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} was changed concurrently; retry")
             return StoredResource(resource_type, resource_id, version_id, now, content, seq)
@@ -642,8 +643,14 @@ def _match_key(resource_type: str, query: str) -> int:
     return int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big", signed=True)
 
 
+def _owned_rows(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, IndexRows]]:
+    """The index rows of each resource, with its type and id (PostgreSQL, ``pg_writes``)."""
+    return [(resource_type, resource_id, index_resource(resource)) for resource_type, resource_id, resource in resources]
+
+
 def _index_batches(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """The index rows of the resources, per index table (attribute of IndexRows), with owners."""
+    """SQLite: the index rows of the resources, per index table (attribute of IndexRows),
+    each row with its owner's columns."""
     batches: dict[str, list[dict[str, Any]]] = {attribute: [] for attribute, _ in _INDEX_TARGETS}
     for resource_type, resource_id, resource in resources:
         rows: IndexRows = index_resource(resource)

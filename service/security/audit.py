@@ -362,9 +362,10 @@ _QUEUE_SQL = _queue_insert(1)
 _DELETE_QUEUED_SQL = f"DELETE FROM {QUEUE.name} WHERE seq = ANY($1::bigint[])"
 
 
-def _queue_ctes(prefix: str, first: int) -> list[str]:
+@functools.cache
+def _queue_ctes(prefix: str, first: int) -> tuple[str, ...]:
     """The queue INSERT as a CTE, to travel with the transaction's held writes (``db.hold``)."""
-    return [f"{prefix}q AS ({_queue_insert(first)})"]
+    return (f"{prefix}q AS ({_queue_insert(first)})",)
 
 
 def queue_records(conn: sa.Connection, queued_at: datetime, records: list[dict[str, Any]]) -> None:
