@@ -645,7 +645,8 @@ def _match_key(resource_type: str, query: str) -> int:
 
 def _owned_rows(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, IndexRows]]:
     """The index rows of each resource, with its type and id (PostgreSQL, ``pg_writes``)."""
-    return [(resource_type, resource_id, index_resource(resource)) for resource_type, resource_id, resource in resources]
+    return [(resource_type, resource_id, index_resource(resource))
+            for resource_type, resource_id, resource in resources]
 
 
 def _index_batches(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
