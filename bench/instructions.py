@@ -13,8 +13,8 @@ the instructions *this Python process* executes for
 
 and prints both per create. PostgreSQL's own work is not counted (it runs in its server
 processes): this is the yardstick for the Python side of a change, the wrk runs of
-``make bench`` for the whole. To compare two commits, run it in each (a ``git worktree`` of
-the old one with ``BENCHROOT`` and ``PYTHONPATH`` pointing at it) and compare the counts;
+``make bench`` for the whole. To compare two commits, run it in each (for the old one, a
+``git worktree`` of it as the working directory and on ``PYTHONPATH``) and compare the counts;
 one run each is enough.
 
 It re-runs itself under valgrind (Debian package ``valgrind``) with instrumentation off, and
@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+
+from bench.run import prepare_postgres
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/yilian_micro"
 _CHILD = "YILIAN_INSTRUCTIONS_CHILD"
@@ -98,13 +98,8 @@ def measure(args: argparse.Namespace, out: Path) -> int:
 
 
 def _fresh_store(url: str):  # type: ignore[no-untyped-def]
-    name = make_url(url).database
-    admin = sa.create_engine(make_url(url).set(drivername="postgresql+psycopg", database="postgres"),
-                             isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    admin.dispose()
+    """The store of an application on a freshly migrated ``url``, and the audit drain."""
+    prepare_postgres(url)
     env = {**os.environ, "YILIAN_DATABASE_URL": url}
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     os.environ.update(YILIAN_DATABASE_URL=url, YILIAN_AUDIT_DRAIN_INTERVAL_MS="0", YILIAN_LOG_LEVEL="warning")
@@ -130,6 +125,8 @@ def _dumped_totals(out: Path, count: int) -> list[int]:
         if len(files) >= count:
             break
         sum(range(100_000))  # the dump is written while this process runs code
+    else:
+        raise RuntimeError(f"callgrind wrote {len(files)} of {count} dumps ({out}.{os.getpid()}.*)")
     totals = []
     for path in files[:count]:
         with open(path, encoding="utf-8") as dump:
