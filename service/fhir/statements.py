@@ -75,6 +75,18 @@ class Prepared:
         self.keys: tuple[str, ...] = tuple(statement.exported_columns.keys())  # type: ignore[attr-defined]
         self._compiled: tuple[str, tuple[str, ...], dict[str, Any]] | None = None
 
+    @classmethod
+    def if_plain(cls, statement: sa.Executable) -> Prepared | None:
+        """``statement`` as a Prepared when it qualifies — no expanding ``IN`` lists, no
+        parameter or result value that SQLAlchemy would convert on PostgreSQL — else None
+        (run it through SQLAlchemy). For statements built at run time, such as searches'."""
+        compiled = statement.compile(dialect=_NUMERIC_DOLLAR)
+        if compiled.post_compile_params or compiled.literal_execute_params or any(compiled._bind_processors.values()):
+            return None
+        if any(entry.type._cached_result_processor(_NUMERIC_DOLLAR, None) for entry in compiled._result_columns):
+            return None
+        return cls(statement)
+
     def _postgres(self) -> tuple[str, tuple[str, ...], dict[str, Any]]:
         if self._compiled is None:
             compiled = self.statement.compile(dialect=_NUMERIC_DOLLAR)

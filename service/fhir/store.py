@@ -121,8 +121,9 @@ _READ = (sa.select(R.c.version_id, R.c.last_updated, R.c.seq, _json_text(V.c.con
 # SQLAlchemy its compilation and parameter handling cost more than PostgreSQL's work.
 _READ_PG = ("SELECT r.version_id, r.last_updated, r.seq, v.content::text FROM resource r"
             " JOIN resource_version v ON v.seq = r.seq WHERE r.resource_type = $1 AND r.id = $2")
-#: Read statements under a caller's boundary, by (visibility key, type, PostgreSQL?).
-_BOUNDED_READS: StatementCache[sa.Select | None] = StatementCache(1024)
+#: Read statements under a caller's boundary, by (visibility key, type, PostgreSQL?): prepared
+#: where they qualify (``Prepared.if_plain``), SQLAlchemy statements where they do not.
+_BOUNDED_READS: StatementCache[Prepared | sa.Select | None] = StatementCache(1024)
 _CURRENT_CONTENT = Prepared(sa.select(_json_text(V.c.content)).select_from(R.join(V, V.c.seq == R.c.seq))
                             .where(R.c.resource_type == sa.bindparam("t"), R.c.id == sa.bindparam("i")))
 _LOCKED_STATE_SELECT = (sa.select(R.c.version_id, R.c.deleted, _json_text(V.c.content))
@@ -274,6 +275,8 @@ class StoreTransaction:
         if query is None:
             rows = execute_prepared(self.conn, _READ_PG, (resource_type, resource_id))
             row = rows[0] if rows else None
+        elif isinstance(query, Prepared):
+            row = query.first(self.conn, {"t": resource_type, "i": resource_id})
         else:
             row = self.conn.execute(query, {"t": resource_type, "i": resource_id}).first()
         if row is None:
@@ -283,13 +286,19 @@ class StoreTransaction:
             raise Gone(f"{resource_type}/{resource_id} was deleted", headers={"ETag": stored.etag})
         return stored
 
-    def _read_query(self, resource_type: str) -> sa.Select | None:
+    def _read_query(self, resource_type: str) -> Prepared | sa.Select | None:
         """The read statement under the caller's boundary; None: the prepared PostgreSQL read
-        (no boundary). Built once per boundary (``visibility_key``) and type."""
+        (no boundary). Built once per boundary (``visibility_key``) and type, and then run as a
+        prepared statement on PostgreSQL when it qualifies."""
         key = self.visibility_key()
         if key is None:
             return self._build_read_query(resource_type)
-        return _BOUNDED_READS.get((key, resource_type, self._postgres), lambda: self._build_read_query(resource_type))
+
+        def build() -> Prepared | sa.Select | None:
+            query = self._build_read_query(resource_type)
+            return Prepared.if_plain(query) or query if self._postgres and query is not None else query
+
+        return _BOUNDED_READS.get((key, resource_type, self._postgres), build)
 
     def _build_read_query(self, resource_type: str) -> sa.Select | None:
         boundary = self.boundary(resource_type, R.c.resource_type, R.c.id)

@@ -40,7 +40,7 @@ from service.fhir.search.sql import (
     named_alias,
     order_by,
 )
-from service.fhir.statements import StatementCache
+from service.fhir.statements import Prepared, StatementCache
 
 #: ``visible(resource_type, type_column, id_column)`` → extra WHERE condition (authorization),
 #: None when the caller may see every resource of that type.
@@ -63,11 +63,28 @@ class _Plan:
     r: sa.FromClause
     where: list[sa.ColumnElement]  # without the snapshot: totals add it
     page: sa.Select | None  # None when only a count is asked for
+    # A kept plan's statements as prepared statements, when they qualify (see _kept_plan):
+    prepared_page: Prepared | None = None
+    prepared_total: Prepared | None = None  # the count up to a snapshot, bound as _SNAPSHOT_PARAM
 
     def count(self, snapshot: int | None) -> sa.Select:
         where = self.where if snapshot is None else [*self.where, self.r.c.created_seq <= snapshot]
         return sa.select(sa.func.count()).select_from(self.r).where(*where)
 
+    def page_rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[Sequence[Any]]:
+        assert self.page is not None
+        if self.prepared_page is not None:
+            return self.prepared_page.rows(conn, params)
+        return list(conn.execute(self.page, params))
+
+    def total(self, conn: sa.Connection, params: dict[str, Any], snapshot: int | None) -> int:
+        if snapshot is not None and self.prepared_total is not None:
+            return int(self.prepared_total.scalar(conn, {**params, _SNAPSHOT_PARAM: snapshot}))
+        return int(conn.execute(self.count(snapshot), params).scalar_one())
+
+
+#: The snapshot's parameter in a kept plan's count (no search value is bound under this name).
+_SNAPSHOT_PARAM = "yilian_snapshot"
 
 #: Plans (and conditional-match statements) of templated searches by shape and visibility,
 #: see ``shapes``.
@@ -95,10 +112,10 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
                       summary=request.summary, elements=request.elements)
 
     if plan.page is None:
-        page.total = int(conn.execute(plan.count(snapshot), params).scalar_one())
+        page.total = plan.total(conn, params, snapshot)
         return page
 
-    rows = list(conn.execute(plan.page, params))
+    rows = plan.page_rows(conn, params)
     if snapshot is None and rows:
         snapshot = int(rows[0][-1])
         rows = [row[:-1] for row in rows]
@@ -122,7 +139,7 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
         if cursor is None and not more:
             page.total = len(rows)  # the whole result is on this first page
         else:  # totals count what the pages will show: nothing created after the snapshot
-            page.total = int(conn.execute(plan.count(snapshot), params).scalar_one())
+            page.total = plan.total(conn, params, snapshot)
 
     if request.includes and page.matches:
         page.includes, truncated = _collect_includes(conn, builder, request.includes,
@@ -150,12 +167,28 @@ def _plan_for(builder: Builder, request: SearchRequest, visible: Visible | None,
             return _build_plan(builder, request, r, boundary), {}
         visible = None
     key = (shape, builder.dialect, builder.base_url, None if visible is None else visible_key)
-    plan = _PLANS.get(key, lambda: _build_plan(builder, parametrised, r, _boundary(visible, rt, r)))
+    plan = _PLANS.get(key, lambda: _kept_plan(builder, parametrised, r, _boundary(visible, rt, r)))
     return plan, params
 
 
 def _boundary(visible: Visible | None, resource_type: str, r: sa.FromClause) -> sa.ColumnElement | None:
     return None if visible is None else visible(resource_type, r.c.resource_type, r.c.id)
+
+
+def _kept_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
+               boundary: sa.ColumnElement | None) -> _Plan:
+    """A plan that serves every search of its shape: its page and count statements run as
+    prepared statements on PostgreSQL (``Prepared``). Through SQLAlchemy each run derived the
+    statement's cache key again — a walk of its whole tree — and built a result object:
+    measured in process, 16 % of the server's CPU for a search by identifier."""
+    plan = _build_plan(builder, request, r, boundary)
+    if builder.dialect.name != "postgresql":
+        return plan
+    if plan.page is not None:
+        plan.prepared_page = Prepared.if_plain(plan.page)
+    plan.prepared_total = Prepared.if_plain(sa.select(sa.func.count()).select_from(plan.r).where(
+        *plan.where, plan.r.c.created_seq <= sa.bindparam(_SNAPSHOT_PARAM, type_=sa.BigInteger)))
+    return plan
 
 
 def _build_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
@@ -349,9 +382,18 @@ def find_matches(conn: sa.Connection, resource_type: str, query: str, *, limit: 
     else:  # the same shapes as searches (identifier=sys|value ...): one statement per shape
         shape, parametrised, params = templated
         key = ("match", shape, limit, builder.dialect, builder.base_url, None if visible is None else visible_key)
-        stmt = _PLANS.get(key, lambda: _match_statement(builder, parametrised, r, _boundary(visible, resource_type, r),
-                                                     limit))
+        stmt = _PLANS.get(key, lambda: _kept_match(builder, parametrised, r, _boundary(visible, resource_type, r),
+                                                limit))
+        if isinstance(stmt, Prepared):
+            return [row[0] for row in stmt.rows(conn, params)]
     return list(conn.execute(stmt, params).scalars())
+
+
+def _kept_match(builder: Builder, request: SearchRequest, r: sa.FromClause, boundary: sa.ColumnElement | None,
+                limit: int) -> Prepared | sa.Select:
+    """The statement every conditional match of its shape runs: prepared when it qualifies."""
+    stmt = _match_statement(builder, request, r, boundary, limit)
+    return (Prepared.if_plain(stmt) or stmt) if builder.dialect.name == "postgresql" else stmt
 
 
 def _match_statement(builder: Builder, request: SearchRequest, r: sa.FromClause, boundary: sa.ColumnElement | None,
