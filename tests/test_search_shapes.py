@@ -29,7 +29,7 @@ def store(engine: sa.Engine) -> MiniStore:
     s.put_all([
         {"resourceType": "Patient", "id": f"s{i}", "gender": "female" if i % 2 else "male",
          "name": [{"family": "张王李赵钱孙李"[i], "given": ["三" if i < 3 else "四"]}],
-         "identifier": [{"system": MRN, "value": f"11010519800101{i:04d}"}]}
+         "identifier": [{"system": MRN, "value": f"11010519800101{i:04d}"}], "birthDate": f"{1980 + i}-06-15"}
         for i in range(7)
     ] + [
         {"resourceType": "Observation", "id": f"o{i}", "status": "final", "code": {"text": "x"},
@@ -69,8 +69,20 @@ def test_string_prefixes_are_parameters_with_their_upper_bound() -> None:
     assert exact is not None and exact[2] == {"p0": "张三"} and exact[0] != zhang[0]
 
 
+def test_dates_are_parameters_and_their_prefix_and_the_sort_are_the_shape() -> None:
+    a = template(_request("Patient", "birthdate=ge1980-01-01&_sort=-birthdate"))
+    b = template(_request("Patient", "birthdate=ge1990-05-01&_sort=-birthdate"))
+    assert a is not None and b is not None and a[0] == b[0]
+    assert a[2] == {"p0": 315504000000, "p1": 315590399999}  # 1980-01-01 in +08:00, as epoch ms (date_range)
+    assert b[2]["p0"] > a[2]["p0"]
+    for other in ("birthdate=le1980-01-01&_sort=-birthdate", "birthdate=ge1980-01-01&_sort=birthdate",
+                  "birthdate=ge1980-01-01"):
+        shaped = template(_request("Patient", other))
+        assert shaped is not None and shaped[0] != a[0], other
+
+
 @pytest.mark.parametrize("query", [
-    "birthdate=1980", "name:contains=张", "identifier:text=x", "gender=male&_sort=birthdate",
+    "birthdate=ap1980", "name:contains=张", "identifier:text=x",
     "gender=male&_include=Patient:organization", "general-practitioner.name=x",
     "_has:Observation:subject:status=final", "_lastUpdated=gt2020", "subject=http://elsewhere/fhir/Patient/1",
 ])
@@ -100,6 +112,17 @@ def test_name_searches_of_one_shape_keep_their_values(store: MiniStore) -> None:
     assert store.id_set("Patient", "family:exact=李") == {"s2", "s6"}
     assert store.id_set("Patient", "family:exact=钱") == {"s4"}
     assert len(engine_module._PLANS) == 3  # family prefix, name prefix, family:exact
+
+
+def test_dated_and_sorted_searches_of_one_shape_keep_their_values(store: MiniStore) -> None:
+    engine_module._PLANS.clear()
+    assert store.ids("Patient", "birthdate=ge1984&_sort=-birthdate") == ["s6", "s5", "s4"]
+    assert store.ids("Patient", "birthdate=ge1982-06-15&_sort=-birthdate") == ["s6", "s5", "s4", "s3", "s2"]
+    assert store.ids("Patient", "birthdate=lt1982&_sort=birthdate") == ["s0", "s1"]
+    assert store.ids("Patient", "birthdate=lt1981&_sort=birthdate") == ["s0"]
+    assert store.ids("Patient", "gender=female&_sort=-birthdate") == ["s5", "s3", "s1"]
+    assert store.ids("Patient", "gender=male&_sort=-birthdate") == ["s6", "s4", "s2", "s0"]
+    assert len(engine_module._PLANS) == 3
 
 
 def test_pages_and_totals_of_a_shared_statement(store: MiniStore) -> None:

@@ -83,8 +83,12 @@ class Prepared:
         compiled = statement.compile(dialect=_NUMERIC_DOLLAR)
         if compiled.post_compile_params or compiled.literal_execute_params or any(compiled._bind_processors.values()):
             return None
-        if any(entry.type._cached_result_processor(_NUMERIC_DOLLAR, None) for entry in compiled._result_columns):
-            return None
+        for entry in compiled._result_columns:
+            try:
+                if entry.type._cached_result_processor(_NUMERIC_DOLLAR, None):
+                    return None
+            except (TypeError, sa.exc.SQLAlchemyError):  # depends on the column's database type
+                return None
         return cls(statement)
 
     def _postgres(self) -> tuple[str, tuple[str, ...], dict[str, Any]]:

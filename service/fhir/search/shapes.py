@@ -9,9 +9,11 @@ The engine builds the statement from that once per shape and runs it with the va
 
 Only values that the SQL layer compares as they are take part: tokens (``system|code``,
 ``_id``), local references (``subject=Patient/1``), strings by prefix (``name=张``: the
-folded prefix and its upper bound, computed here) and ``:exact``, plus ``:missing``. Anything
-else the builder computes with (dates, numbers, ``:contains`` patterns, chains, ``_has``), a
-sort, includes or a later page is built per request as before: :func:`template` answers None.
+folded prefix and its upper bound, computed here) and ``:exact``, dates (``start=ge2026-12-07``:
+the range's two ends; the prefix is part of the shape), plus ``:missing``; a sort is part of the
+shape. Anything else the builder computes with (``ap`` dates, ``_lastUpdated``, numbers,
+``:contains`` patterns, chains, ``_has``), includes or a later page is built per request as
+before: :func:`template` answers None.
 A caller with a boundary shares statements only with callers of the same visibility
 (``AccessPolicy.visibility_key``, applied in ``execute``).
 """
@@ -28,6 +30,7 @@ from service.fhir.search.dialect import prefix_upper_bound
 from service.fhir.search.model import (
     ID_TYPE,
     Clause,
+    DateValue,
     MissingClause,
     ParamClause,
     PrefixRange,
@@ -39,7 +42,8 @@ from service.fhir.search.model import (
 )
 
 #: Parameter types templated, with the modifiers that may come along (None: any).
-_TEMPLATED_MODIFIERS = {"token": {None, "not"}, "reference": None, "string": {None, "exact"}, ID_TYPE: None}
+_TEMPLATED_MODIFIERS = {"token": {None, "not"}, "reference": None, "string": {None, "exact"}, "date": {None},
+                        ID_TYPE: None}
 
 
 class _Values:
@@ -48,7 +52,7 @@ class _Values:
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
 
-    def bind(self, value: str) -> Any:
+    def bind(self, value: str | int) -> Any:
         name = f"p{len(self.params)}"
         self.params[name] = value
         return sa.bindparam(name)
@@ -57,7 +61,7 @@ class _Values:
 def template(request: SearchRequest) -> tuple[Hashable, SearchRequest, dict[str, Any]] | None:
     """(shape, the request with bound parameters for values, their values), or None when
     this request is built per request (see the module docstring)."""
-    if request.cursor is not None or request.sort or request.includes:
+    if request.cursor is not None or request.includes:
         return None
     values = _Values()
     shapes: list[Hashable] = []
@@ -81,7 +85,7 @@ def template(request: SearchRequest) -> tuple[Hashable, SearchRequest, dict[str,
             shapes.append(shaped[0])
         shapes.append((clause.code, clause.type, clause.modifier, clause.negate, len(clause.values)))
         clauses.append(replace(clause, values=tuple(templated)))
-    shape = (request.resource_type, tuple(shapes), request.count, request.summary_count)
+    shape = (request.resource_type, tuple(shapes), tuple(request.sort), request.count, request.summary_count)
     return shape, replace(request, clauses=clauses), values.params
 
 
@@ -99,6 +103,8 @@ def _template_value(clause: ParamClause, value: Value, values: _Values) -> tuple
         return (("token", value.system is None, value.code is None),
                 TokenValue(None if value.system is None else values.bind(value.system),
                            None if value.code is None else values.bind(value.code)))
+    if isinstance(value, DateValue) and value.prefix != "ap":  # ap widens by a distance from now
+        return ("date", value.prefix), DateValue(value.prefix, values.bind(value.low), values.bind(value.high))
     if isinstance(value, ReferenceValue) and value.url is None and value.target_id is not None:
         # The type decides which tests are made (and is one of few): part of the shape.
         return ("reference", value.target_type), ReferenceValue(value.target_type, values.bind(value.target_id))
