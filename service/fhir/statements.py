@@ -89,14 +89,13 @@ class Prepared:
                     return None
             except (TypeError, sa.exc.SQLAlchemyError):  # depends on the column's database type
                 return None
-        return cls(statement)
+        prepared = cls(statement)
+        prepared._compiled = _parts(compiled)
+        return prepared
 
     def _postgres(self) -> tuple[str, tuple[str, ...], dict[str, Any]]:
         if self._compiled is None:
-            compiled = self.statement.compile(dialect=_NUMERIC_DOLLAR)
-            names = tuple(compiled.positiontup or ())
-            fixed = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
-            self._compiled = (compiled.string, names, fixed)
+            self._compiled = _parts(self.statement.compile(dialect=_NUMERIC_DOLLAR))
         return self._compiled
 
     def rows(self, conn: sa.Connection, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
@@ -118,3 +117,11 @@ class Prepared:
     def mapping(self, conn: sa.Connection, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         row = self.first(conn, params)
         return None if row is None else dict(zip(self.keys, row, strict=True))
+
+
+def _parts(compiled: sa.engine.Compiled) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """The SQL text, its parameters' names in ``$n`` order, and the values fixed at build time."""
+    names = tuple(compiled.positiontup or ())  # type: ignore[attr-defined]
+    fixed = {name: bind.effective_value for name, bind in compiled.binds.items()  # type: ignore[attr-defined]
+             if not bind.required}
+    return compiled.string, names, fixed

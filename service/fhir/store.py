@@ -296,7 +296,9 @@ class StoreTransaction:
 
         def build() -> Prepared | sa.Select | None:
             query = self._build_read_query(resource_type)
-            return Prepared.if_plain(query) or query if self._postgres and query is not None else query
+            if not self._postgres or query is None:
+                return query
+            return Prepared.if_plain(query) or query
 
         return _BOUNDED_READS.get((key, resource_type, self._postgres), build)
 
