@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = 50 * 1024 * 1024
     default_page_size: int = 20
     max_page_size: int = 1000
+    # A search without _total counts its matches up to this many: Bundle.total is exact up
+    # to here and left out above (with a note in the Bundle), so a page never costs a count
+    # of millions. _total=accurate counts them all; _total=estimate asks PostgreSQL's planner.
+    exact_total_limit: int = 1000
     log_level: str = "info"
     # Benchmarks only: expose /bench/floor/{type}/{id}, the bare primary-key read that
     # bench/ measures our FHIR read against. Never enable in production (no checks at all).

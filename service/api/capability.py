@@ -66,6 +66,15 @@ def _security(app: FastAPI) -> dict[str, Any] | None:
     }
 
 
+_REST_DOCUMENTATION = (
+    "Dates without a time zone are read as Asia/Shanghai (+08:00). "
+    "Search totals: without _total, Bundle.total is exact up to YILIAN_EXACT_TOTAL_LIMIT matches (1,000 "
+    "by default) and left out above it, with an informational issue in the Bundle; _total=accurate counts "
+    "every match, _total=estimate gives the database's estimate beyond the limit, _total=none nothing. "
+    "Paging follows the next/previous links (keyset cursors, pinned to the first page's snapshot)."
+)
+
+
 @lru_cache(maxsize=4)
 def _statement(base_url: str) -> dict[str, Any]:
     return {
@@ -81,7 +90,7 @@ def _statement(base_url: str) -> dict[str, Any]:
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Dates without a time zone are read as Asia/Shanghai (+08:00).",
+            "documentation": _REST_DOCUMENTATION,
             "resource": [_resource(t) for t in sorted(known_resource_types())],
             "interaction": [{"code": code} for code in SYSTEM_INTERACTIONS],
             "operation": OPERATIONS,

@@ -1,10 +1,12 @@
 """Opaque keyset cursors for ``_cursor``.
 
 A cursor is urlsafe base64 of a small JSON object: the snapshot sequence pinned by the first
-page, the sort key of the row the page starts after (or before, for ``previous``), and a
+page, the sort key of the row the page starts after (or before, for ``previous``), a
 fingerprint of the search's sort order, so that a cursor pasted onto a different search is
-rejected instead of silently skipping rows. Nothing in it is secret: it only positions a
-search the caller may run anyway; authorization is applied to every page.
+rejected instead of silently skipping rows, and what the first page knew of the total (so
+that later pages need not count again). Nothing in it is secret: it only positions a search
+the caller may run anyway, and authorization is applied to every page; a total edited in a
+cursor changes only the number its editor is shown.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import datetime
 import orjson
 
 from service.fhir.errors import BadRequest
-from service.fhir.search.model import LAST_UPDATED_TYPE, Cursor, SortSpec
+from service.fhir.search.model import LAST_UPDATED_TYPE, Cursor, KnownTotal, SortSpec
 
 _VERSION = 1
 
@@ -33,6 +35,8 @@ def encode(cursor: Cursor, fp: str) -> str:
     payload = {"v": _VERSION, "s": cursor.snapshot, "k": key, "f": fp}
     if cursor.backward:
         payload["b"] = 1
+    if cursor.total is not None:
+        payload["t"] = [cursor.total.kind, cursor.total.value]
     return base64.urlsafe_b64encode(orjson.dumps(payload)).rstrip(b"=").decode("ascii")
 
 
@@ -47,12 +51,22 @@ def decode(raw: str, fp: str) -> Cursor:
         key = payload["k"]
         if not isinstance(key, list):
             raise TypeError("key")
+        total = _known_total(payload.get("t"))
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError, orjson.JSONDecodeError):
         raise BadRequest("Invalid _cursor: use the next/previous links of a search result", expression="_cursor") from None
     if payload.get("f") != fp:
         raise BadRequest("_cursor belongs to a different search (resource type or _sort changed)",
                          expression="_cursor")
-    return Cursor(snapshot, tuple(key), bool(payload.get("b")))
+    return Cursor(snapshot, tuple(key), bool(payload.get("b")), total)
+
+
+def _known_total(raw: object) -> KnownTotal | None:
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or len(raw) != 2 or raw[0] not in KnownTotal.KINDS
+            or type(raw[1]) is not int or raw[1] < 0):
+        raise TypeError("total")
+    return KnownTotal(raw[0], raw[1])
 
 
 def restore_key(key: tuple, sort_types: Sequence[str]) -> tuple:

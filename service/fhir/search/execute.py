@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import orjson
 import sqlalchemy as sa
 
 from service.fhir.errors import BadRequest, Issue
@@ -26,6 +27,7 @@ from service.fhir.search.model import (
     ID_TYPE,
     Cursor,
     IncludeSpec,
+    KnownTotal,
     SearchPage,
     SearchRequest,
 )
@@ -66,10 +68,16 @@ class _Plan:
     # A kept plan's statements as prepared statements, when they qualify (see _kept_plan):
     prepared_page: Prepared | None = None
     prepared_total: Prepared | None = None  # the count up to a snapshot, bound as _SNAPSHOT_PARAM
+    prepared_upto: Prepared | None = None  # the same, of at most _UPTO_PARAM matches
 
-    def count(self, snapshot: int | None) -> sa.Select:
+    def count(self, snapshot: Any, upto: Any = None) -> sa.Select:
+        """``count(*)`` of the matches created up to ``snapshot`` (all when None), stopping at
+        ``upto`` when given: a capped count reads at most that many index entries."""
         where = self.where if snapshot is None else [*self.where, self.r.c.created_seq <= snapshot]
-        return sa.select(sa.func.count()).select_from(self.r).where(*where)
+        if upto is None:
+            return sa.select(sa.func.count()).select_from(self.r).where(*where)
+        matches = sa.select(sa.literal(1)).select_from(self.r).where(*where).limit(upto).subquery("upto")
+        return sa.select(sa.func.count()).select_from(matches)
 
     def page_rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[Sequence[Any]]:
         assert self.page is not None
@@ -77,14 +85,35 @@ class _Plan:
             return self.prepared_page.rows(conn, params)
         return list(conn.execute(self.page, params))
 
-    def total(self, conn: sa.Connection, params: dict[str, Any], snapshot: int | None) -> int:
-        if snapshot is not None and self.prepared_total is not None:
-            return int(self.prepared_total.scalar(conn, {**params, _SNAPSHOT_PARAM: snapshot}))
-        return int(conn.execute(self.count(snapshot), params).scalar_one())
+    def total(self, conn: sa.Connection, params: dict[str, Any], snapshot: int | None, *,
+              upto: int | None = None) -> int:
+        """The matches up to ``snapshot``: all of them, or at most ``upto``."""
+        prepared = self.prepared_total if upto is None else self.prepared_upto
+        if snapshot is not None and prepared is not None:
+            bound = {**params, _SNAPSHOT_PARAM: snapshot} if upto is None else \
+                {**params, _SNAPSHOT_PARAM: snapshot, _UPTO_PARAM: upto}
+            return int(prepared.scalar(conn, bound))
+        return int(conn.execute(self.count(snapshot, upto), params).scalar_one())
+
+    def estimate(self, conn: sa.Connection, params: dict[str, Any], snapshot: int | None) -> int | None:
+        """PostgreSQL's planner's estimate of the matches (its plan, not a count: no index
+        entry is read); None on databases without one (SQLite)."""
+        if conn.dialect.name != "postgresql":
+            return None
+        where = self.where if snapshot is None else [*self.where, self.r.c.created_seq <= snapshot]
+        query = sa.select(sa.literal(1)).select_from(self.r).where(*where).params(params)
+        compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        # The values travel as bound parameters, as for the search itself (never as SQL text).
+        plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled.string}", compiled.params).scalar_one()
+        if isinstance(plan, (str, bytes)):
+            plan = orjson.loads(plan)
+        return int(plan[0]["Plan"]["Plan Rows"])
 
 
-#: The snapshot's parameter in a kept plan's count (no search value is bound under this name).
+#: The snapshot's parameter in a kept plan's count (no search value is bound under this name),
+#: and the cap of a capped count.
 _SNAPSHOT_PARAM = "yilian_snapshot"
+_UPTO_PARAM = "yilian_upto"
 
 #: Plans (and conditional-match statements) of templated searches by shape and visibility,
 #: see ``shapes``.
@@ -128,18 +157,23 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
     has_next = True if backward else more
     page.matches = [(rt, row[0], row[1]) for row in rows]
 
-    if rows and has_next:
-        page.next_link = _query_string(request.link_params, cursor_codec.encode(
-            Cursor(snapshot, tuple(rows[-1][2:]), False), fp))
-    if rows and has_previous:
-        page.previous_link = _query_string(request.link_params, cursor_codec.encode(
-            Cursor(snapshot, tuple(rows[0][2:]), True), fp))
-
+    known: KnownTotal | None = None
     if request.total != "none":
         if cursor is None and not more:
-            page.total = len(rows)  # the whole result is on this first page
+            known = KnownTotal("exact", len(rows))  # the whole result is on this first page
         else:  # totals count what the pages will show: nothing created after the snapshot
-            page.total = plan.total(conn, params, snapshot)
+            known = _known_total(conn, plan, params, request, snapshot)
+        if known.kind == "more":
+            warnings.append(_more_than(known.value))
+        else:
+            page.total = known.value
+
+    if rows and has_next:
+        page.next_link = _query_string(request.link_params, cursor_codec.encode(
+            Cursor(snapshot, tuple(rows[-1][2:]), False, known), fp))
+    if rows and has_previous:
+        page.previous_link = _query_string(request.link_params, cursor_codec.encode(
+            Cursor(snapshot, tuple(rows[0][2:]), True, known), fp))
 
     if request.includes and page.matches:
         page.includes, truncated = _collect_includes(conn, builder, request.includes,
@@ -148,6 +182,47 @@ def execute_search(conn: sa.Connection, request: SearchRequest, *, visible: Visi
             warnings.append(Issue("warning", "too-costly",
                                   f"More than {MAX_INCLUDES} resources to include; the rest were left out"))
     return page
+
+
+def _known_total(conn: sa.Connection, plan: _Plan, params: dict[str, Any], request: SearchRequest,
+                 snapshot: int | None) -> KnownTotal:
+    """What a page that does not hold the whole result says of the total.
+
+    ``_total=accurate`` counts every match; without ``_total`` the count stops past
+    ``request.exact_total_limit`` (the total is then left out); ``_total=estimate`` counts as
+    far, then asks the planner. Later pages take what the first page learnt from their cursor,
+    so that paging through a large result does not count it again on every page."""
+    mode, limit = request.total, request.exact_total_limit
+    carried = request.cursor.total if request.cursor is not None else None
+    if carried is not None:
+        if carried.kind == "exact" or (carried.kind == "estimate" and mode == "estimate"):
+            return carried
+        if mode is None:  # the first page found more than its limit
+            return KnownTotal("more", limit)
+        if mode == "estimate":
+            return _estimate(conn, plan, params, snapshot, at_least=carried.value + 1)
+    if mode == "accurate":
+        return KnownTotal("exact", plan.total(conn, params, snapshot))
+    counted = plan.total(conn, params, snapshot, upto=limit + 1)
+    if counted <= limit:
+        return KnownTotal("exact", counted)
+    if mode is None:
+        return KnownTotal("more", limit)
+    return _estimate(conn, plan, params, snapshot, at_least=limit + 1)
+
+
+def _estimate(conn: sa.Connection, plan: _Plan, params: dict[str, Any], snapshot: int | None, *,
+              at_least: int) -> KnownTotal:
+    guess = plan.estimate(conn, params, snapshot)
+    if guess is None:  # no planner to ask: an exact count is an estimate too
+        return KnownTotal("exact", plan.total(conn, params, snapshot))
+    return KnownTotal("estimate", max(guess, at_least))  # at least what was counted
+
+
+def _more_than(limit: int) -> Issue:
+    return Issue("information", "informational",
+                 f"More than {limit:,} matches: Bundle.total is left out. Ask _total=accurate to have them "
+                 "all counted, or _total=estimate for the database's estimate", ("_total",))
 
 
 def _plan_for(builder: Builder, request: SearchRequest, visible: Visible | None,
@@ -186,8 +261,9 @@ def _kept_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
         return plan
     if plan.page is not None:
         plan.prepared_page = Prepared.if_plain(plan.page)
-    plan.prepared_total = Prepared.if_plain(sa.select(sa.func.count()).select_from(plan.r).where(
-        *plan.where, plan.r.c.created_seq <= sa.bindparam(_SNAPSHOT_PARAM, type_=sa.BigInteger)))
+    snapshot = sa.bindparam(_SNAPSHOT_PARAM, type_=sa.BigInteger)
+    plan.prepared_total = Prepared.if_plain(plan.count(snapshot))
+    plan.prepared_upto = Prepared.if_plain(plan.count(snapshot, sa.bindparam(_UPTO_PARAM, type_=sa.Integer)))
     return plan
 
 

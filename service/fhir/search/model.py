@@ -174,16 +174,29 @@ class IncludeSpec:
 
 
 @dataclass(frozen=True)
+class KnownTotal:
+    """What the first page of a search learnt of its total: ``exact`` (``value`` matches),
+    ``estimate`` (about ``value``) or ``more`` (more than ``value``, not counted further).
+    Its cursors carry it, so that later pages do not count the matches again."""
+
+    kind: str  # exact | estimate | more
+    value: int
+
+    KINDS = ("exact", "estimate", "more")
+
+
+@dataclass(frozen=True)
 class Cursor:
     """Where a page starts: after (or, for ``backward``, before) the row with sort ``key``.
 
     ``snapshot`` is the change sequence pinned by the first page: later pages ignore resources
-    created after it.
+    created after it. ``total`` is what the first page knew of the total, if anything.
     """
 
     snapshot: int
     key: tuple
     backward: bool = False
+    total: KnownTotal | None = None
 
 
 @dataclass
@@ -193,7 +206,10 @@ class SearchRequest:
     sort: list[SortSpec] = field(default_factory=list)
     includes: list[IncludeSpec] = field(default_factory=list)
     count: int = 20
-    total: str = "accurate"  # none | estimate | accurate
+    #: none | estimate | accurate; None (no ``_total``): exact up to ``exact_total_limit``
+    #: matches, left out above it (see ``execute``).
+    total: str | None = None
+    exact_total_limit: int = 1000
     summary: str | None = None  # true | text | data | count | false
     elements: tuple[str, ...] = ()
     cursor: Cursor | None = None

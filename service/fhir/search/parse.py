@@ -60,14 +60,15 @@ class UnknownParameter(Exception):
         self.reason = reason
 
 
-def _settings() -> tuple[int, int]:
+def _settings() -> tuple[int, int, int]:
+    """(default page size, largest page size, exact total limit)."""
     try:
         from service.config import get_settings
 
         s = get_settings()
-        return s.default_page_size, s.max_page_size
+        return s.default_page_size, s.max_page_size, s.exact_total_limit
     except (ImportError, ValueError):  # settings unreadable: the documented defaults
-        return 20, 1000
+        return 20, 1000, 1000
 
 
 def base_url_setting() -> str | None:
@@ -108,8 +109,8 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]], *, stric
     """Validate a type-level search. See the module docstring for the error policy."""
     if resource_type not in _supported_types():
         raise BadRequest(f"Resource type '{resource_type}' is not supported for search")
-    default_count, max_count = _settings()
-    request = SearchRequest(resource_type, count=default_count)
+    default_count, max_count, exact_total_limit = _settings()
+    request = SearchRequest(resource_type, count=default_count, exact_total_limit=exact_total_limit)
     cursor_raw: str | None = None
 
     def unknown(name: str, reason: str) -> None:
