@@ -32,7 +32,9 @@ from service.fhir.search.model import (
     SearchRequest,
 )
 from service.fhir.search.parse import base_url_setting, parse_search
+from service.fhir.searchparams import get_param
 from service.fhir.search.sql import (
+    DATE,
     REFERENCE,
     RESOURCE,
     VERSION,
@@ -289,7 +291,11 @@ def _build_plan(builder: Builder, request: SearchRequest, r: sa.FromClause,
         kinds.append(ID_TYPE)
     backward = cursor is not None and cursor.backward
     after = cursor_codec.restore_key(cursor.key, kinds) if cursor is not None else None
-    page_rows = _page_rows(r, page_where, keys, after, backward, request.count + 1)
+    walk = _date_walk(builder, rt, request)
+    if walk is not None:
+        page_rows = _page_rows_by_date(r, page_where, walk, after, backward, request.count + 1)
+    else:
+        page_rows = _page_rows(r, page_where, keys, after, backward, request.count + 1)
     pg_keys = [(page_rows.c[f"k{i}"], descending, nullable) for i, (_, descending, nullable) in enumerate(keys)]
     columns = [page_rows.c.rid, builder.dialect.json_text(VERSION.c.content), *(k for k, _, _ in pg_keys)]
     if cursor is None:
@@ -326,6 +332,79 @@ def _page_rows(r: sa.FromClause, where: list[sa.ColumnElement], keys: list[tuple
     if after is not None:
         query = query.where(keyset_after(m_keys, after, backward))
     return query.order_by(*order_by(m_keys, backward)).limit(limit).subquery("pg")
+
+
+@dataclass(frozen=True)
+class _DateWalk:
+    """A search sorted by one date parameter, paged by walking that parameter's index."""
+
+    resource_type: str
+    param: str
+    descending: bool
+
+
+def _date_walk(builder: Builder, resource_type: str, request: SearchRequest) -> _DateWalk | None:
+    """The walk for ``request`` when its only sort key is a date parameter with rows of its
+    own (PostgreSQL: there the generic page computed every match's key before its LIMIT,
+    250 ms for 50,000 AuditEvents sorted by date)."""
+    if builder.dialect.name != "postgresql" or len(request.sort) != 1:
+        return None
+    spec = request.sort[0]
+    if spec.type != "date":
+        return None
+    param = get_param(resource_type, spec.code)
+    if param is None or param.keys != (spec.code,):
+        return None
+    return _DateWalk(resource_type, spec.code, spec.descending)
+
+
+def _page_rows_by_date(r: sa.FromClause, where: list[sa.ColumnElement], walk: _DateWalk,
+                       after: Sequence[object] | None, backward: bool, limit: int) -> sa.Subquery:
+    """``_page_rows`` for a search sorted by one date parameter, with the same rows in the same
+    order: the key of a resource is its latest end (descending) or earliest start (ascending),
+    resources without a value come last, ties go by id.
+
+    The resources with a value are read in the order of the date index (``ix_date_high`` /
+    ``ix_date_low``), each from its *key row*, the one no other row of that resource beats, and
+    the walk stops after ``limit``; those without a value come from the resource table in id
+    order, ``limit`` at most, and (walking forward, where they come last) only when the valued
+    ones did not fill the page: finding them reads every match. The page is the first
+    ``limit`` of both."""
+    rt, desc = walk.resource_type, walk.descending
+    s, other = named_alias(DATE, "ws"), named_alias(DATE, "wo")
+    key = s.c.high if desc else s.c.low
+    if desc:  # the latest end; of two rows ending together, the earlier start
+        beats = sa.or_(other.c.high > s.c.high, sa.and_(other.c.high == s.c.high, other.c.low < s.c.low))
+    else:  # the earliest start; of two rows starting together, the later end
+        beats = sa.or_(other.c.low < s.c.low, sa.and_(other.c.low == s.c.low, other.c.high > s.c.high))
+    beaten = sa.exists().where(other.c.resource_type == rt, other.c.resource_id == s.c.resource_id,
+                               other.c.param == walk.param, beats)
+    # Not nullable here, so that ORDER BY is the index's own order (a NULLS LAST would sort).
+    valued_keys = [(key, desc, False), (r.c.id, False, False)]
+    valued = (sa.select(r.c.id.label("rid"), r.c.seq.label("rseq"), key.label("k0"), r.c.id.label("k1"))
+              .select_from(s.join(r, sa.and_(r.c.resource_type == s.c.resource_type, r.c.id == s.c.resource_id)))
+              .where(s.c.resource_type == rt, s.c.param == walk.param, ~beaten, *where))
+    if after is not None:
+        valued = valued.where(keyset_after(valued_keys, after, backward))
+    valued_page = valued.order_by(*order_by(valued_keys, backward)).limit(limit).cte("wv")
+
+    has_value = sa.exists().where(other.c.resource_type == rt, other.c.resource_id == r.c.id,
+                                  other.c.param == walk.param)
+    missing = (sa.select(r.c.id.label("rid"), r.c.seq.label("rseq"), sa.null().label("k0"), r.c.id.label("k1"))
+               .where(*where, ~has_value))
+    if after is not None:  # NULL keys sort last: after a valued key, every one of them
+        k0, k1 = after[0], after[1]
+        if k0 is None:
+            missing = missing.where(r.c.id < k1 if backward else r.c.id > k1)
+        elif backward:
+            missing = missing.where(sa.false())
+    if not backward:  # forward, they follow the valued ones: wanted only if those leave room
+        missing = missing.where(sa.select(sa.func.count()).select_from(valued_page).scalar_subquery() < limit)
+    missing = missing.order_by(r.c.id.desc() if backward else r.c.id.asc()).limit(limit)
+
+    both = sa.union_all(sa.select(valued_page), missing).subquery("m")
+    m_keys = [(both.c.k0, desc, True), (both.c.k1, False, False)]
+    return sa.select(both).order_by(*order_by(m_keys, backward)).limit(limit).subquery("pg")
 
 
 def _query_string(params: list[tuple[str, str]], cursor: str | None) -> str:
