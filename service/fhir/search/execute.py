@@ -26,8 +26,10 @@ from service.fhir.search.dialect import Dialect
 from service.fhir.search.model import (
     ID_TYPE,
     Cursor,
+    DateValue,
     IncludeSpec,
     KnownTotal,
+    ParamClause,
     SearchPage,
     SearchRequest,
 )
@@ -343,15 +345,32 @@ class _DateWalk:
     descending: bool
 
 
+#: Criteria on the sort parameter that a walk meets at its start: matching resources come
+#: first in the walk's order (descending by end: ``ge``, ``gt``; ascending by start: ``le``, ``lt``).
+_WALK_PREFIXES = {True: frozenset({"ge", "gt"}), False: frozenset({"le", "lt"})}
+
+
 def _date_walk(builder: Builder, resource_type: str, request: SearchRequest) -> _DateWalk | None:
     """The walk for ``request`` when its only sort key is a date parameter with rows of its
     own (PostgreSQL: there the generic page computed every match's key before its LIMIT,
-    250 ms for 50,000 AuditEvents sorted by date)."""
+    250 ms for 50,000 AuditEvents sorted by date), and its criteria, if any, are on that
+    parameter and met where the walk starts (``date=ge..&_sort=-date``).
+
+    Otherwise the generic page: with other criteria PostgreSQL starts from their matches
+    anyway (one index probe fewer per match there), and a walk would pass every resource the
+    criteria leave out before reaching the first match (``birthdate=ge1990&_sort=birthdate``
+    from the earliest birth date on: 440 ms for 10,000 Patients)."""
     if builder.dialect.name != "postgresql" or len(request.sort) != 1:
         return None
     spec = request.sort[0]
     if spec.type != "date":
         return None
+    met_first = _WALK_PREFIXES[spec.descending]
+    for clause in request.clauses:
+        if not (isinstance(clause, ParamClause) and clause.code == spec.code and not clause.negate
+                and clause.modifier is None
+                and all(isinstance(v, DateValue) and v.prefix in met_first for v in clause.values)):
+            return None
     param = get_param(resource_type, spec.code)
     if param is None or param.keys != (spec.code,):
         return None
