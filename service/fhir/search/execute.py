@@ -34,7 +34,6 @@ from service.fhir.search.model import (
     SearchRequest,
 )
 from service.fhir.search.parse import base_url_setting, parse_search
-from service.fhir.searchparams import get_param
 from service.fhir.search.sql import (
     DATE,
     REFERENCE,
@@ -46,6 +45,7 @@ from service.fhir.search.sql import (
     named_alias,
     order_by,
 )
+from service.fhir.searchparams import get_param
 from service.fhir.statements import Prepared, StatementCache
 
 #: ``visible(resource_type, type_column, id_column)`` → extra WHERE condition (authorization),
@@ -77,11 +77,15 @@ class _Plan:
     def count(self, snapshot: Any, upto: Any = None) -> sa.Select:
         """``count(*)`` of the matches created up to ``snapshot`` (all when None), stopping at
         ``upto`` when given: a capped count reads at most that many index entries."""
-        where = self.where if snapshot is None else [*self.where, self.r.c.created_seq <= snapshot]
         if upto is None:
-            return sa.select(sa.func.count()).select_from(self.r).where(*where)
-        matches = sa.select(sa.literal(1)).select_from(self.r).where(*where).limit(upto).subquery("upto")
-        return sa.select(sa.func.count()).select_from(matches)
+            return sa.select(sa.func.count()).select_from(self.r).where(*self._up_to(snapshot))
+        return sa.select(sa.func.count()).select_from(self._matches(snapshot).limit(upto).subquery("upto"))
+
+    def _up_to(self, snapshot: Any) -> list[sa.ColumnElement]:
+        return self.where if snapshot is None else [*self.where, self.r.c.created_seq <= snapshot]
+
+    def _matches(self, snapshot: Any) -> sa.Select:
+        return sa.select(sa.literal(1)).select_from(self.r).where(*self._up_to(snapshot))
 
     def page_rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[Sequence[Any]]:
         assert self.page is not None
@@ -104,8 +108,7 @@ class _Plan:
         entry is read); None on databases without one (SQLite)."""
         if conn.dialect.name != "postgresql":
             return None
-        where = self.where if snapshot is None else [*self.where, self.r.c.created_seq <= snapshot]
-        query = sa.select(sa.literal(1)).select_from(self.r).where(*where).params(params)
+        query = self._matches(snapshot).params(params)
         compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
         # The values travel as bound parameters, as for the search itself (never as SQL text).
         plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled.string}", compiled.params).scalar_one()
