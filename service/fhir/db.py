@@ -29,13 +29,17 @@ def normalize_url(url: str) -> str:
     return url
 
 
+#: How long SQLite statements wait for a lock held elsewhere before failing (503).
+_BUSY_TIMEOUT_MS = 30_000
+
+
 def create_engine(url: str, *, pool_size: int = 20) -> Engine:
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": _BUSY_TIMEOUT_MS / 1000},
                                   pool_size=8, max_overflow=8, **_JSON_CODEC)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; we issue BEGIN IMMEDIATE ourselves
@@ -105,7 +109,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
     cur.close()
 
 
@@ -116,7 +120,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 #: 0.5 ms at first, every 10 ms at most (polling every 2 ms handed the lock back and forth
 #: between the workers so often that a create cost a third more CPU), up to the same 30 s.
 _WRITE_LOCK_POLL_S = (0.0005, 0.01)
-_WRITE_LOCK_TIMEOUT_S = 30.0
+_WRITE_LOCK_TIMEOUT_S = _BUSY_TIMEOUT_MS / 1000
 _SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
 _SQLITE_WRITERS_LOCK = threading.Lock()
 
@@ -141,7 +145,7 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
             time.sleep(delay)
             delay = min(delay * 2, longest)
     finally:
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         cursor.close()
 
 

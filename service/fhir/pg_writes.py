@@ -32,8 +32,9 @@ from service.fhir.indexing import IndexRows
 
 INDEX_TARGETS = tables.INDEX_TARGETS
 
-#: Columns that are never NULL but may be absent from an index row ("" = no system).
-_NOT_NULL_DEFAULTS = {"system": "''"}
+#: Columns that are never NULL but may be absent from an index row ("" = no system), as SQL
+#: literals (the SQLite write path in ``store`` uses them too).
+NOT_NULL_DEFAULTS = {"system": "''"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _insert_index_rows(table: sa.Table, document: str, where: str = "") -> str:
     owner = {"resource_type": "o.t", "resource_id": "o.i"}
     names = ", ".join(c.name for c in columns)
     values = ", ".join(owner[c.name] if c.name in owner
-                       else f"coalesce(x.{c.name}, {_NOT_NULL_DEFAULTS[c.name]})" if c.name in _NOT_NULL_DEFAULTS
+                       else f"coalesce(x.{c.name}, {NOT_NULL_DEFAULTS[c.name]})" if c.name in NOT_NULL_DEFAULTS
                        else f"x.{c.name}" for c in columns)
     record = ", ".join(f"{c.name} {_sql_type(c)}" for c in columns if c.name not in owner)
     return (f"INSERT INTO {table.name} ({names}) SELECT {values} "

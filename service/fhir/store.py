@@ -686,9 +686,11 @@ def _row_columns(table: sa.Table) -> tuple[str, ...]:
 
 @functools.cache
 def _sqlite_insert(table: sa.Table) -> str:
-    """INSERT of one index row, qmark placeholders: ``system`` is never NULL ("" = none)."""
+    """INSERT of one index row, qmark placeholders; a column that is never NULL gets its
+    default when the row has no value (``system`` "": none)."""
     names = ("resource_type", "resource_id", *_row_columns(table))
-    values = ", ".join("coalesce(?, '')" if n == "system" else "?" for n in names)
+    values = ", ".join(f"coalesce(?, {pg_writes.NOT_NULL_DEFAULTS[n]})" if n in pg_writes.NOT_NULL_DEFAULTS else "?"
+                       for n in names)
     return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({values})"
 
 
