@@ -15,7 +15,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service.fhir import tables
+from service.fhir import tables, token_sets
 from service.fhir.db import write_transaction
 from service.fhir.indexing import index_resource
 from service.fhir.search import SearchPage, execute_search, find_matches, parse_search
@@ -30,6 +30,7 @@ INDEXES = (
     ("numbers", tables.NumberIndex.__table__),
     ("quantities", tables.QuantityIndex.__table__),
     ("uris", tables.UriIndex.__table__),
+    ("token_sets", tables.TokenSetIndex.__table__),
 )
 
 
@@ -73,6 +74,12 @@ class MiniStore:
                          .values(version_id=version, seq=seq, last_updated=now, deleted=False))
             self._clear(conn, rt, rid)
         rows = index_resource(resource)
+        sets: token_sets.TokenSets = {}
+        token_sets.share(rt, rows, sets)  # AuditEvent, Provenance: their token rows as a set
+        for name, set_rows in sets.items():
+            if conn.execute(sa.select(token_sets.SET.c.digest).where(token_sets.SET.c.digest == name)).first() is None:
+                conn.execute(token_sets.SET.insert(), {"digest": name})
+                conn.execute(token_sets.SET_ROW.insert(), [{"digest": name, **row} for row in set_rows])
         for attribute, table in INDEXES:
             entries = getattr(rows, attribute)
             if entries:

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from service.fhir.searchparams import get_param
 from service.fhir.tables import TokenIndex
+from service.fhir.token_sets import SHARED_TOKEN_TYPES
 
 if TYPE_CHECKING:
     from service.fhir.store import StoreTransaction
@@ -75,7 +76,7 @@ def _simple_token(resource_type: str, query: str) -> tuple[str, str, str] | None
     if match is None:
         return None
     param = get_param(resource_type, match.group(1))
-    if param is None or param.type != "token" or param.column:
-        return None
+    if param is None or param.type != "token" or param.column or resource_type in SHARED_TOKEN_TYPES:
+        return None  # not a row of ``idx_token``: the search engine answers it
     system, _, code = unquote(match.group(2)).partition("|")
     return (param.code, system, code) if system and code else None

@@ -134,6 +134,36 @@ UPDATE_SQL = (
 )
 
 
+@functools.cache
+def token_set_ctes(prefix: str = "", first: int = 1) -> tuple[str, ...]:
+    """The CTEs that write the token sets ${first} (a JSON array of {d: digest, rows: [...]},
+    see ``token_sets``) not written yet: a set's rows are written by whoever names it first.
+    A transaction naming a set another one is writing waits here for that one's outcome."""
+    sets = f"jsonb_to_recordset(${first}::jsonb) AS x(d text, rows jsonb)"
+    row = "y(param text, system text, code text, text text)"
+    return (
+        f"{prefix}ts AS (INSERT INTO token_set (digest) SELECT x.d FROM {sets} "
+        "ON CONFLICT DO NOTHING RETURNING digest)",
+        f"{prefix}tr AS (INSERT INTO token_set_row (digest, param, system, code, text) "
+        f"SELECT x.d, y.param, coalesce(y.system, ''), y.code, y.text FROM {sets} "
+        f"CROSS JOIN LATERAL jsonb_to_recordset(x.rows) AS {row} WHERE x.d IN (SELECT digest FROM {prefix}ts))",
+    )
+
+
+#: The token sets (see token_set_ctes) as a statement of their own.
+TOKEN_SET_SQL = "WITH " + ", ".join(token_set_ctes()) + " SELECT 1"
+
+
+def write_token_sets(conn: sa.Connection, sets: dict[str, list[dict]]) -> None:
+    """Write the token sets that ``conn``'s next index rows name, unless they exist: held back
+    with the writes that follow when the transaction has sent nothing yet (``db.hold``)."""
+    if not sets:
+        return
+    params = (orjson.dumps([{"d": name, "rows": rows} for name, rows in sets.items()]).decode(),)
+    if not hold(conn, token_set_ctes, params):
+        execute_prepared(conn, TOKEN_SET_SQL, params)
+
+
 #: Deletion: the index rows of resources $2 (ids) of type $1, from every table at once.
 CLEAR_INDEX_SQL = "WITH " + ", ".join(_delete_ctes("resource_id = ANY($2::text[])")) + " SELECT 1"
 

@@ -25,7 +25,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service.fhir import pg_writes, tables
+from service.fhir import pg_writes, tables, token_sets
 from service.fhir.access import AccessContext
 from service.fhir.db import execute_prepared, is_postgres, read_transaction, write_transaction
 from service.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable
@@ -538,7 +538,7 @@ class StoreTransaction:
             self._stamp(resource, resource_id, 1, now)
         if self._postgres:
             versions = [pg_writes.NewVersion(r["resourceType"], i, "POST", orjson.dumps(r)) for r, i in items]
-            seqs = pg_writes.create(self.conn, versions, now, _owned_rows((r["resourceType"], i, r) for r, i in items))
+            seqs = pg_writes.create(self.conn, versions, now, self._index_rows((r["resourceType"], i, r) for r, i in items))
             # seq 0: the create is held back until the transaction's end (pg_writes.create)
             return [StoredResource(v.resource_type, v.id, 1, now, v.content, seqs.get((v.resource_type, v.id), 0))
                     for v in versions]
@@ -567,7 +567,7 @@ class StoreTransaction:
             return stored
         content = orjson.dumps(resource)
         seq = pg_writes.create_if_absent(self.conn, pg_writes.NewVersion(resource_type, resource_id, method, content),
-                                         now, [(resource_type, resource_id, index_resource(resource))])
+                                         now, self._index_rows([(resource_type, resource_id, resource)]))
         return None if seq is None else StoredResource(resource_type, resource_id, 1, now, content, seq)
 
     def _store_next(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
@@ -582,7 +582,7 @@ class StoreTransaction:
             seq, moved = pg_writes.update(
                 self.conn, pg_writes.NewVersion(resource_type, resource_id, method, content),
                 version_id=version_id, expected_version=expected_version, last_updated=now,
-                index_rows=[(resource_type, resource_id, index_resource(resource))])
+                index_rows=self._index_rows([(resource_type, resource_id, resource)]))
             if not moved:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} was changed concurrently; retry")
             return StoredResource(resource_type, resource_id, version_id, now, content, seq)
@@ -629,10 +629,33 @@ class StoreTransaction:
             self._clear_index(resource_type, [resource_id])
         self._insert_index_rows([(resource_type, resource_id, resource)])
 
+    def _index_rows(self, resources: Iterable[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, IndexRows]]:
+        """The index rows of each resource, with its type and id; the token sets they name
+        that may not exist yet are written first (``token_sets``; on PostgreSQL held back
+        with the rows, ``pg_writes.write_token_sets``)."""
+        sets: token_sets.TokenSets = {}
+        owned = []
+        for resource_type, resource_id, resource in resources:
+            rows = index_resource(resource)
+            token_sets.share(resource_type, rows, sets)
+            owned.append((resource_type, resource_id, rows))
+        if self._postgres:
+            pg_writes.write_token_sets(self.conn, sets)
+        else:
+            self._write_token_sets(sets)
+        return owned
+
+    def _write_token_sets(self, sets: token_sets.TokenSets) -> None:
+        """SQLite: write transactions take turns, so a set is either there or written here."""
+        for name, rows in sets.items():
+            if self.conn.exec_driver_sql(_SQLITE_NEW_SET, (name,)).rowcount == 1:
+                self.conn.exec_driver_sql(_SQLITE_SET_ROW, [(name, r["param"], r["system"], r["code"], r["text"])
+                                                            for r in rows])
+
     def _insert_index_rows(self, resources: list[tuple[str, str, dict[str, Any]]]) -> None:
         """SQLite (PostgreSQL writes its index rows with the versions, see ``pg_writes``):
         one executemany per index table for all the given resources."""
-        batches = _index_batches(resources)
+        batches = _index_batches(self._index_rows(resources))
         for attribute, table in _INDEX_TARGETS:
             if batches[attribute]:
                 # Plain tuples through the driver: SQLAlchemy's executemany processed every
@@ -657,18 +680,15 @@ def _match_key(resource_type: str, query: str) -> int:
     return int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big", signed=True)
 
 
-def _owned_rows(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, IndexRows]]:
-    """The index rows of each resource, with its type and id (PostgreSQL, ``pg_writes``)."""
-    return [(resource_type, resource_id, index_resource(resource))
-            for resource_type, resource_id, resource in resources]
+_SQLITE_NEW_SET = "INSERT OR IGNORE INTO token_set (digest) VALUES (?)"
+_SQLITE_SET_ROW = "INSERT INTO token_set_row (digest, param, system, code, text) VALUES (?, ?, coalesce(?, ''), ?, ?)"
 
 
-def _index_batches(resources: Iterable[tuple[str, str, dict[str, Any]]]) -> dict[str, list[tuple[Any, ...]]]:
+def _index_batches(owned: Iterable[tuple[str, str, IndexRows]]) -> dict[str, list[tuple[Any, ...]]]:
     """SQLite: the index rows of the resources, per index table (attribute of IndexRows), each
     a tuple in the table's column order (:func:`_sqlite_insert`), its owner's columns first."""
     batches: dict[str, list[tuple[Any, ...]]] = {attribute: [] for attribute, _ in _INDEX_TARGETS}
-    for resource_type, resource_id, resource in resources:
-        rows: IndexRows = index_resource(resource)
+    for resource_type, resource_id, rows in owned:
         for attribute, table in _INDEX_TARGETS:
             entries = getattr(rows, attribute)
             if entries:

@@ -83,6 +83,50 @@ class TokenIndex(SQLModel, table=True):
     text: str | None = None  # normalised display / text, for :text
 
 
+class TokenSetIndex(SQLModel, table=True):
+    """token parameters of the types whose token rows are shared (``service.fhir.token_sets``):
+    the one set of token rows each resource has, by the digest that names the set."""
+
+    __tablename__ = "idx_token_set"
+    __table_args__ = (
+        sa.Index("ix_token_set_lookup", "resource_type", "digest"),
+        sa.Index("ix_token_set_owner", "resource_type", "resource_id"),
+    )
+
+    __mapper_args__ = {"primary_key": ["resource_type", "resource_id", "digest"]}
+
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    digest: str = Field(max_length=32)
+
+
+class TokenSet(SQLModel, table=True):
+    """A set of token rows, named by the digest of its content; written once, never changed
+    (two writers of the same new set: the second finds the name taken and writes nothing)."""
+
+    __tablename__ = "token_set"
+
+    digest: str = Field(primary_key=True, max_length=32)
+
+
+class TokenSetRow(SQLModel, table=True):
+    """The token rows of a set: the columns of ``idx_token`` with the set in place of the owner."""
+
+    __tablename__ = "token_set_row"
+    __table_args__ = (
+        sa.Index("ix_token_set_row_lookup", "param", "code", "system"),
+        sa.Index("ix_token_set_row_set", "digest"),
+    )
+
+    __mapper_args__ = {"primary_key": ["digest", "param", "system"]}
+
+    digest: str = Field(max_length=32)
+    param: str = Field(max_length=100)
+    system: str = ""
+    code: str | None = None
+    text: str | None = None
+
+
 class StringIndex(SQLModel, table=True):
     """string parameters. ``value`` is case- and accent-folded, ``exact`` as written."""
 
@@ -208,10 +252,11 @@ class OutboxEvent(SQLModel, table=True):
     attempts: int = 0
 
 
-INDEX_TABLES = (TokenIndex, StringIndex, DateIndex, ReferenceIndex, NumberIndex, QuantityIndex, UriIndex)
+INDEX_TABLES = (TokenIndex, StringIndex, DateIndex, ReferenceIndex, NumberIndex, QuantityIndex, UriIndex,
+                TokenSetIndex)
 #: (attribute of ``indexing.IndexRows``, table) for every index table.
 INDEX_TARGETS: tuple[tuple[str, sa.Table], ...] = tuple(
     (attribute, model.__table__)  # type: ignore[attr-defined]
-    for attribute, model in zip(("tokens", "strings", "dates", "references", "numbers", "quantities", "uris"),
-                                INDEX_TABLES, strict=True))
+    for attribute, model in zip(("tokens", "strings", "dates", "references", "numbers", "quantities", "uris",
+                                 "token_sets"), INDEX_TABLES, strict=True))
 metadata = SQLModel.metadata

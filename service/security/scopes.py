@@ -38,7 +38,8 @@ import sqlalchemy as sa
 
 from service.fhir.access import AccessContext
 from service.fhir.errors import Forbidden
-from service.fhir.tables import ReferenceIndex, TokenIndex
+from service.fhir.tables import ReferenceIndex
+from service.fhir.token_sets import token_rows
 
 CONTEXTS = ("patient", "user", "system")
 V1_PERMISSIONS = {"read": "rs", "write": "cud", "*": "cruds"}
@@ -99,7 +100,6 @@ DIRECTORY_TYPES = frozenset({
 _RESOURCE_SCOPE = re.compile(r"^(patient|user|system)/([A-Z][A-Za-z]*|\*)\.([a-z*]+)(?:\?(.*))?$")
 _V2_PERMISSIONS = re.compile(r"^c?r?u?d?s?$")
 
-T = TokenIndex.__table__
 REF = ReferenceIndex.__table__
 
 
@@ -115,7 +115,7 @@ class TokenRestriction:
     values: tuple[tuple[str | None, str | None], ...]  # (system, code); None: any
 
     def clause(self, resource_type: str, id_col: sa.ColumnElement) -> sa.ColumnElement:
-        t = T.alias()
+        t = token_rows(resource_type)
         tests = []
         for system, code in self.values:
             parts = []

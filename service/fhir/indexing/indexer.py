@@ -30,6 +30,8 @@ class IndexRows:
     numbers:     param, value, low, high
     quantities:  param, value, low, high, system, code
     uris:        param, value
+    token_sets:  digest (filled by the store for the types whose token rows are shared, in
+                 place of ``tokens``: ``service.fhir.token_sets``)
 
     ``Reference.identifier`` values are token rows under param ``"<code>:identifier"``.
     """
@@ -41,6 +43,7 @@ class IndexRows:
     numbers: list[dict] = field(default_factory=list)
     quantities: list[dict] = field(default_factory=list)
     uris: list[dict] = field(default_factory=list)
+    token_sets: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return sum(len(rows) for rows in self.__dict__.values())

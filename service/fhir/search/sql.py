@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from service.fhir import tables
+from service.fhir import tables, token_sets
 from service.fhir.search.dialect import Dialect
 from service.fhir.search.model import (
     ID_TYPE,
@@ -156,14 +156,13 @@ class Builder:
     def index_ids(self, resource_type: str, clause: ParamClause) -> sa.Select:
         """Ids having an index row of ``clause.code`` that matches any of its values (ignores
         ``negate``: the caller turns this into NOT IN)."""
-        table = INDEX_BY_TYPE[clause.type]
-        t = named_alias(table, self._name("i"))
+        t = index_rows(resource_type, clause.type, self._name("i"))
         tests = [self._value_test(t, clause, v) for v in clause.values]
         return sa.select(t.c.resource_id).where(
             t.c.resource_type == resource_type, _param_is(t.c.param, resource_type, clause.code), sa.or_(*tests))
 
     def _param_rows(self, resource_type: str, ptype: str, code: str) -> sa.Select:
-        t = named_alias(INDEX_BY_TYPE[ptype], self._name("m"))
+        t = index_rows(resource_type, ptype, self._name("m"))
         return sa.select(t.c.resource_id).where(t.c.resource_type == resource_type,
                                                 _param_is(t.c.param, resource_type, code))
 
@@ -262,7 +261,7 @@ class Builder:
             return r.c.id, False
         if spec.type == LAST_UPDATED_TYPE:
             return r.c.last_updated, False
-        t = named_alias(INDEX_BY_TYPE[spec.type], self._name("s"))
+        t = index_rows(resource_type, spec.type, self._name("s"))
         if spec.type == "date":
             column = t.c.high if spec.descending else t.c.low
         elif spec.type == "token":
@@ -281,6 +280,14 @@ class Builder:
             .scalar_subquery()
         )
         return key, True
+
+
+def index_rows(resource_type: str, ptype: str, name: str) -> sa.FromClause:
+    """The index rows of ``resource_type``'s parameters of type ``ptype``, named ``name``:
+    an alias of their table; token rows of the types that share them come from their sets."""
+    if ptype == "token":
+        return token_sets.token_rows(resource_type, name)
+    return named_alias(INDEX_BY_TYPE[ptype], name)
 
 
 def _param_is(column: sa.ColumnElement, resource_type: str, code: str) -> sa.ColumnElement:
