@@ -19,13 +19,23 @@ from fastapi import FastAPI
 
 from service.cli import _parser
 from service.fhir.access import AccessContext
-from service.fhir.db import create_engine
+from service.fhir.db import create_engine, is_postgres
 from service.fhir.errors import Forbidden, NotFound
 from service.fhir.hooks import WriteEvent, WriteHooks
 from service.fhir.store import ResourceStore
 from service.fhir.validation import validate_resource
 from service.migrate import upgrade
-from service.security.audit import QUEUE, AuditQueue, audit_event, drain, provenance, purge, record_login
+from service.security.audit import (
+    QUEUE,
+    AuditQueue,
+    audit_event,
+    drain,
+    prepare_sqlite_batch,
+    provenance,
+    purge,
+    record_login,
+    store_sqlite_batch,
+)
 from service.security.resident_id import SYSTEM as RESIDENT_ID
 from tests.conftest import bearer
 from tests.test_boundaries import FHIR, World, build_world
@@ -339,6 +349,42 @@ def test_an_explicit_drain_waits_for_a_drain_in_progress_elsewhere(isolated_engi
     finally:
         release.set()
         other_worker.close()
+
+
+def test_a_sqlite_drain_indexes_outside_the_write_lock_and_stores_nothing_twice(isolated_engine: sa.Engine) -> None:
+    """SQLite: a drain reads and indexes its batch before it takes the write lock; what
+    another process's drain stored meanwhile it leaves alone, the rest it stores."""
+    if is_postgres(isolated_engine):
+        pytest.skip("PostgreSQL drains lock their rows (SKIP LOCKED) and index inside the transaction")
+    import orjson
+
+    marker = f"twice-{uuid4().hex[:8]}"
+    store = ResourceStore(isolated_engine)
+    queue = AuditQueue(isolated_engine, store, drain_interval_ms=0)
+    try:
+        queue.append_now([audit_event(subtype="read", action="R", status=200, ctx=SYSTEM, entities=[],
+                                      recorded=datetime.now(UTC), description=f"{marker}-{i}") for i in range(4)])
+        mine = prepare_sqlite_batch(store, 2)  # the two oldest, indexed, no lock taken
+        assert mine is not None and len(mine.items) == len(mine.indexed) == 2
+        with isolated_engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(QUEUE)).scalar_one() == 4
+        assert store_sqlite_batch(store, prepare_sqlite_batch(store, 1)) == 1  # another drain takes the oldest
+        assert store_sqlite_batch(store, mine) == 1  # only the one still queued
+        assert drain(store) == 2
+        found = orjson.loads(store.search(SYSTEM, "AuditEvent", [("_count", "100")], base_url=""))
+        descriptions = sorted(e["resource"]["outcomeDesc"] for e in found["entry"])
+        assert descriptions == [f"{marker}-{i}" for i in range(4)]
+        # the precomputed rows made it into the index: the records are found by their tokens
+        assert len(search_in(store, "AuditEvent", subtype="read", action="R")) == 4
+    finally:
+        queue.close()
+
+
+def search_in(store: ResourceStore, resource_type: str, **params: str) -> list[dict[str, Any]]:
+    import orjson
+
+    bundle = orjson.loads(store.search(SYSTEM, resource_type, [*params.items(), ("_count", "1000")], base_url=""))
+    return [e["resource"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") == "match"]
 
 
 async def test_group_commit_appends_are_durable_when_awaited(isolated_engine: sa.Engine) -> None:

@@ -427,19 +427,25 @@ class StoreTransaction:
         self._after_write(event)
         return WriteResult(stored, created=True)
 
-    def create_many(self, items: list[tuple[dict[str, Any], str]]) -> list[StoredResource]:
+    def create_many(self, items: list[tuple[dict[str, Any], str]], *,
+                    indexed: list[IndexRows] | None = None) -> list[StoredResource]:
         """Create many resources with pre-assigned ids in a handful of statements.
 
         The set-based twin of :meth:`create` for transaction Bundles and bulk loads: one
         multi-row INSERT for the versions, one for the pointers, one per index table,
         whatever the number of resources. Hooks and checks run per resource as usual.
+        ``indexed``: the resources' ``index_resource`` rows, when the caller computed them
+        before its transaction (on SQLite, where a write transaction holds the database's
+        only write lock, so that the lock is not held while Python indexes).
         """
+        if indexed is not None and len(indexed) != len(items):
+            raise ValueError("one IndexRows per resource")
         events = []
         for resource, resource_id in items:
             resource_type = _require_type(resource)
             self.authorize("create", resource_type)
             events.append(self._before_write(resource_type, resource_id, "POST", resource, None))
-        stored = self._store_new(items)
+        stored = self._store_new(items, indexed)
         for event in events:
             self._after_write(event)
         return stored
@@ -528,7 +534,8 @@ class StoreTransaction:
                             "lastUpdated": fhir_instant(now)}
         self._reference_cache.pop((resource["resourceType"], resource_id), None)
 
-    def _store_new(self, items: list[tuple[dict[str, Any], str]]) -> list[StoredResource]:
+    def _store_new(self, items: list[tuple[dict[str, Any], str]],
+                   indexed: list[IndexRows] | None = None) -> list[StoredResource]:
         """Version 1, pointer and index rows of each resource (ids assigned), in as few
         statements as the database allows: one on PostgreSQL (``pg_writes``)."""
         if not items:
@@ -538,7 +545,8 @@ class StoreTransaction:
             self._stamp(resource, resource_id, 1, now)
         if self._postgres:
             versions = [pg_writes.NewVersion(r["resourceType"], i, "POST", orjson.dumps(r)) for r, i in items]
-            seqs = pg_writes.create(self.conn, versions, now, self._index_rows((r["resourceType"], i, r) for r, i in items))
+            seqs = pg_writes.create(self.conn, versions, now,
+                                    self._index_rows([(r["resourceType"], i, r) for r, i in items], indexed))
             # seq 0: the create is held back until the transaction's end (pg_writes.create)
             return [StoredResource(v.resource_type, v.id, 1, now, v.content, seqs.get((v.resource_type, v.id), 0))
                     for v in versions]
@@ -550,7 +558,7 @@ class StoreTransaction:
         self.conn.execute(R.insert(), [
             {"resource_type": s.resource_type, "id": s.id, "version_id": 1, "seq": s.seq, "created_seq": s.seq,
              "last_updated": now, "deleted": False} for s in stored])
-        self._insert_index_rows([(s.resource_type, s.id, r) for s, (r, _) in zip(stored, items)])
+        self._insert_index_rows([(s.resource_type, s.id, r) for s, (r, _) in zip(stored, items)], indexed)
         return stored
 
     def _store_new_if_absent(self, resource: dict[str, Any], resource_type: str, resource_id: str, *,
@@ -629,14 +637,15 @@ class StoreTransaction:
             self._clear_index(resource_type, [resource_id])
         self._insert_index_rows([(resource_type, resource_id, resource)])
 
-    def _index_rows(self, resources: Iterable[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, IndexRows]]:
-        """The index rows of each resource, with its type and id; the token sets they name
-        that may not exist yet are written first (``token_sets``; on PostgreSQL held back
-        with the rows, ``pg_writes.write_token_sets``)."""
+    def _index_rows(self, resources: list[tuple[str, str, dict[str, Any]]],
+                    indexed: list[IndexRows] | None = None) -> list[tuple[str, str, IndexRows]]:
+        """The index rows of each resource (``indexed``, when computed already), with its
+        type and id; the token sets they name that may not exist yet are written first
+        (``token_sets``; on PostgreSQL held back with the rows, ``pg_writes.write_token_sets``)."""
         sets: token_sets.TokenSets = {}
         owned = []
-        for resource_type, resource_id, resource in resources:
-            rows = index_resource(resource)
+        for n, (resource_type, resource_id, resource) in enumerate(resources):
+            rows = index_resource(resource) if indexed is None else indexed[n]
             token_sets.share(resource_type, rows, sets)
             owned.append((resource_type, resource_id, rows))
         if self._postgres:
@@ -652,10 +661,11 @@ class StoreTransaction:
                 self.conn.exec_driver_sql(_SQLITE_SET_ROW, [(name, r["param"], r["system"], r["code"], r["text"])
                                                             for r in rows])
 
-    def _insert_index_rows(self, resources: list[tuple[str, str, dict[str, Any]]]) -> None:
+    def _insert_index_rows(self, resources: list[tuple[str, str, dict[str, Any]]],
+                           indexed: list[IndexRows] | None = None) -> None:
         """SQLite (PostgreSQL writes its index rows with the versions, see ``pg_writes``):
         one executemany per index table for all the given resources."""
-        batches = _index_batches(self._index_rows(resources))
+        batches = _index_batches(self._index_rows(resources, indexed))
         for attribute, table in _INDEX_TARGETS:
             if batches[attribute]:
                 # Plain tuples through the driver: SQLAlchemy's executemany processed every

@@ -34,7 +34,8 @@ import base64
 import functools
 import logging
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -54,9 +55,15 @@ from service.fhir.db import execute_prepared, hold, is_postgres, write_transacti
 from service.fhir.errors import Forbidden, Issue, operation_outcome
 from service.fhir.hooks import ANY_TYPE, WriteEvent, WriteHooks
 from service.fhir.ids import new_id
+from service.fhir.indexing import IndexRows, index_resource
 from service.fhir.store import ResourceStore, fhir_instant
 from service.security.audit_tables import AuditQueueEntry
 from service.security.masking import mask_body, mask_text, may_see_resident_ids
+
+try:
+    import fcntl
+except ImportError:  # Windows: SQLite drains of several processes may then overlap
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("yilian.audit")
 
@@ -521,26 +528,100 @@ def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | Non
     ``skip_locked`` (PostgreSQL) it passes over rows another drain is storing instead."""
     total = 0
     batches = 0
-    while max_batches is None or batches < max_batches:
-        with store.write(AccessContext.internal("audit-drain")) as tx:
-            if is_postgres(tx.conn):
-                # A pooled connection plans a prepared statement five times before it settles
-                # on a generic plan, and the drain rarely gets the same connection five times:
-                # each batch's create was planned anew (~6 ms, with 200 records as constants).
-                tx.conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-            query = _next_batch(is_postgres(tx.conn), skip_locked)
-            rows = tx.conn.execute(query, {"n": batch_size}).all()
-            if not rows:
-                break
-            tx.create_many([(orjson.loads(record), new_id()) for _, record in rows])
-            seqs = [seq for seq, _ in rows]
-            if is_postgres(tx.conn):  # one array parameter, not 200 placeholders to convert
-                execute_prepared(tx.conn, _DELETE_QUEUED_SQL, (seqs,))
+    postgres = is_postgres(store.engine)
+    with _sole_drainer(store.engine, wait=not skip_locked) as draining:
+        while draining and (max_batches is None or batches < max_batches):
+            if postgres:
+                stored = _drain_postgres_batch(store, batch_size, skip_locked)
             else:
-                tx.conn.execute(QUEUE.delete().where(QUEUE.c.seq.in_(seqs)))
-        total += len(rows)
-        batches += 1
+                stored = _drain_sqlite_batch(store, batch_size)
+            if stored is None:
+                break
+            total += stored
+            batches += 1
     return total
+
+
+@contextmanager
+def _sole_drainer(engine: Engine, *, wait: bool) -> Iterator[bool]:
+    """SQLite: one drain at a time, across processes (a file lock beside the database). A
+    drain there indexes its batch before it takes the write lock (:func:`prepare_sqlite_batch`),
+    and the workers' drains, scheduled alike, would index the same records and all but one
+    throw the work away. Yields whether this drain may go on (False: another one is running
+    and ``wait`` is off). PostgreSQL drains lock their rows instead."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if fcntl is None or not path or path == ":memory:":
+        yield True
+        return
+    with open(f"{path}.drain-lock", "ab") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+_DRAINER = AccessContext.internal("audit-drain")
+
+
+def _drain_postgres_batch(store: ResourceStore, batch_size: int, skip_locked: bool) -> int | None:
+    """One batch in one transaction: the rows locked, stored, deleted. None: the queue is empty."""
+    with store.write(_DRAINER) as tx:
+        # A pooled connection plans a prepared statement five times before it settles on a
+        # generic plan, and the drain rarely gets the same connection five times: each
+        # batch's create was planned anew (~6 ms, with 200 records as constants).
+        tx.conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        rows = tx.conn.execute(_next_batch(True, skip_locked), {"n": batch_size}).all()
+        if not rows:
+            return None
+        tx.create_many([(orjson.loads(record), new_id()) for _, record in rows])
+        # one array parameter, not 200 placeholders to convert
+        execute_prepared(tx.conn, _DELETE_QUEUED_SQL, ([seq for seq, _ in rows],))
+    return len(rows)
+
+
+@dataclass
+class PreparedBatch:
+    """Queued records read and indexed outside any write transaction (SQLite)."""
+
+    seqs: list[int]
+    items: list[tuple[dict[str, Any], str]]  # (resource, id)
+    indexed: list[IndexRows]
+
+
+def prepare_sqlite_batch(store: ResourceStore, batch_size: int) -> PreparedBatch | None:
+    """SQLite has one write lock for the whole database, and every request's audit record
+    waits for it before the response leaves: the oldest queued records are read and indexed
+    (the Python work of a drain) before the lock is taken. None: the queue is empty."""
+    with store.read_only(_DRAINER) as tx:
+        rows = tx.conn.execute(_next_batch(False, False), {"n": batch_size}).all()
+    if not rows:
+        return None
+    resources = [orjson.loads(record) for _, record in rows]
+    return PreparedBatch([seq for seq, _ in rows], [(resource, new_id()) for resource in resources],
+                         [index_resource(resource) for resource in resources])
+
+
+def store_sqlite_batch(store: ResourceStore, batch: PreparedBatch) -> int:
+    """Store what is still queued of a prepared batch (another process's drain may have
+    stored some of it meanwhile) and delete it from the queue, in one write transaction."""
+    with store.write(_DRAINER) as tx:
+        queued = set(tx.conn.execute(sa.select(QUEUE.c.seq).where(QUEUE.c.seq.in_(batch.seqs))).scalars())
+        if not queued:
+            return 0
+        keep = [n for n, seq in enumerate(batch.seqs) if seq in queued]
+        tx.create_many([batch.items[n] for n in keep], indexed=[batch.indexed[n] for n in keep])
+        tx.conn.execute(QUEUE.delete().where(QUEUE.c.seq.in_(sorted(queued))))
+    return len(keep)
+
+
+def _drain_sqlite_batch(store: ResourceStore, batch_size: int) -> int | None:
+    batch = prepare_sqlite_batch(store, batch_size)
+    return None if batch is None else store_sqlite_batch(store, batch)
 
 
 def record_login(queue: AuditQueue, ctx_or_user: AccessContext | str | None, outcome: bool | int | str, *,
