@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from uuid import uuid4
 
@@ -77,6 +78,37 @@ def engine(database_url: str) -> Iterator[Engine]:
     upgrade(database_url)  # the schema comes from the migrations, as in production
     yield eng
     eng.dispose()
+
+
+@contextmanager
+def empty_database(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A brand-new database of the same kind as the test database (its URL), dropped after."""
+    if not database_url.startswith("postgres"):
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    name = f"yilian_mig_{uuid4().hex[:8]}"
+    admin = create_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield database_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def isolated_engine(database_url: str, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh, migrated database of the same kind with an engine of its own: no server drains
+    its audit queue meanwhile, and nothing else writes the rows a test counts."""
+    with empty_database(database_url, tmp_path) as url:
+        upgrade(url)
+        engine = create_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def empty_store(engine: Engine) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from service.fhir.errors import Forbidden, NotFound
 from service.fhir.hooks import WriteEvent, WriteHooks
 from service.fhir.store import ResourceStore
 from service.fhir.validation import validate_resource
-from service.migrate import upgrade
 from service.security.audit import (
     QUEUE,
     AuditQueue,
@@ -39,7 +37,6 @@ from service.security.audit import (
 from service.security.resident_id import SYSTEM as RESIDENT_ID
 from tests.conftest import bearer
 from tests.test_boundaries import FHIR, World, build_world
-from tests.test_migrations import _empty_database
 
 SYSTEM = AccessContext.internal("test")
 
@@ -268,22 +265,6 @@ async def test_only_auditors_see_audit_events_and_only_their_organizations(
 
 
 # -- the queue: never lost, never doubled --------------------------------------------------------------
-
-@pytest.fixture
-def isolated_engine(database_url: str, tmp_path: Path) -> Iterator[sa.Engine]:
-    """A fresh database of the same kind, with no server draining its queue meanwhile."""
-    url, admin = _empty_database(database_url, tmp_path)
-    upgrade(url)
-    engine = create_engine(url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-            admin.dispose()
-
 
 def test_queue_survives_a_failed_drain_and_is_drained_exactly_once(isolated_engine: sa.Engine) -> None:
     marker = f"marker-{uuid4().hex[:8]}"

@@ -5,7 +5,6 @@ race of two writers of the same new set, purge and the migration of existing row
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,34 +17,18 @@ from service.fhir import tables, token_sets
 from service.fhir.access import AccessContext
 from service.fhir.db import create_engine, is_postgres
 from service.fhir.ids import new_id
+from service.fhir.indexing import index_resource
 from service.fhir.store import ResourceStore
 from service.migrate import upgrade
-from service.fhir.indexing import index_resource
 from service.security.audit import CLIENT_SID, audit_event, provenance, purge, resource_entity
 from service.security.scopes import TokenRestriction
-from tests.test_migrations import _empty_database
+from tests.conftest import empty_database
 
 SYSTEM = AccessContext.internal("test")
 TOKEN = tables.TokenIndex.__table__
 MEMBER = token_sets.MEMBER
 SET_ROW = token_sets.SET_ROW
 RESTFUL = "http://hl7.org/fhir/restful-interaction"
-
-
-@pytest.fixture
-def fresh_engine(database_url: str, tmp_path: Path) -> Iterator[sa.Engine]:
-    """A database of its own: these tests count rows and sets, which other tests also write."""
-    url, admin = _empty_database(database_url, tmp_path)
-    upgrade(url)
-    engine = create_engine(url, pool_size=4)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-            admin.dispose()
 
 
 def event(subtype: str, action: str, *, status: int = 200, client: str = "his-1",
@@ -70,21 +53,21 @@ def count(engine: sa.Engine, query: sa.Select) -> int:
         return conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one()
 
 
-def test_records_with_the_same_token_rows_share_one_set(fresh_engine: sa.Engine) -> None:
-    store = ResourceStore(fresh_engine)
+def test_records_with_the_same_token_rows_share_one_set(isolated_engine: sa.Engine) -> None:
+    store = ResourceStore(isolated_engine)
     [first] = create(store, event("read", "R"))
     [second] = create(store, event("read", "R", entity="Patient/p2"))  # another transaction, the same set
     [other] = create(store, event("search-type", "E"))
 
-    assert count(fresh_engine, sa.select(TOKEN).where(TOKEN.c.resource_type == "AuditEvent")) == 0
-    with fresh_engine.connect() as conn:
+    assert count(isolated_engine, sa.select(TOKEN).where(TOKEN.c.resource_type == "AuditEvent")) == 0
+    with isolated_engine.connect() as conn:
         names = dict(conn.execute(sa.select(MEMBER.c.resource_id, MEMBER.c.digest)).all())
         stored = conn.execute(sa.select(SET_ROW.c.param, SET_ROW.c.code).where(SET_ROW.c.digest == names[first])).all()
     assert names[first] == names[second] != names[other]
     # the set holds the read's token rows once, whatever number of records name it
     assert sorted(stored) == sorted(set(stored))
     assert ("subtype", "read") in stored and ("action", "R") in stored and ("altid", "his-1") in stored
-    assert count(fresh_engine, sa.select(token_sets.SET)) == 2
+    assert count(isolated_engine, sa.select(token_sets.SET)) == 2
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +142,12 @@ def test_scope_restrictions_on_token_rows_see_shared_sets(engine: sa.Engine, aud
         assert conn.execute(query).scalars().all() == [audited["read_ok"]]
 
 
-def test_two_writers_of_the_same_new_set_store_it_once(fresh_engine: sa.Engine) -> None:
+def test_two_writers_of_the_same_new_set_store_it_once(isolated_engine: sa.Engine) -> None:
     """The second writer waits for the first: after its commit it writes no rows of the set,
     after its rollback it writes them itself."""
-    if not is_postgres(fresh_engine):
+    if not is_postgres(isolated_engine):
         pytest.skip("SQLite write transactions take turns: two writers never meet inside a set")
-    store = ResourceStore(fresh_engine)
+    store = ResourceStore(isolated_engine)
     for outcome in ("commit", "rollback"):
         client = f"race-{outcome}"
         first_wrote, second_done = threading.Event(), threading.Event()
@@ -193,26 +176,25 @@ def test_two_writers_of_the_same_new_set_store_it_once(fresh_engine: sa.Engine) 
 
         found = ids(store, "AuditEvent", [("altid", client), ("subtype", "read")])
         assert sorted(found) == sorted(first_ids + second_ids)
-        with fresh_engine.connect() as conn:
+        with isolated_engine.connect() as conn:
             [name] = conn.execute(sa.select(MEMBER.c.digest).where(MEMBER.c.resource_id == second_ids[0])).scalars()
             rows = conn.execute(sa.select(SET_ROW.c.param, SET_ROW.c.code).where(SET_ROW.c.digest == name)).all()
         assert rows and len(rows) == len(set(rows))
 
 
-def test_purge_removes_the_records_set_memberships(fresh_engine: sa.Engine) -> None:
+def test_purge_removes_the_records_set_memberships(isolated_engine: sa.Engine) -> None:
     long_ago = datetime(2020, 1, 1, tzinfo=UTC)
-    old_store = ResourceStore(fresh_engine, clock=lambda: long_ago)
+    old_store = ResourceStore(isolated_engine, clock=lambda: long_ago)
     [old] = create(old_store, event("read", "R"))
-    [recent] = create(ResourceStore(fresh_engine), event("read", "R"))
-    assert purge(fresh_engine, days=180) == 1
-    with fresh_engine.connect() as conn:
+    [recent] = create(ResourceStore(isolated_engine), event("read", "R"))
+    assert purge(isolated_engine, days=180) == 1
+    with isolated_engine.connect() as conn:
         assert conn.execute(sa.select(MEMBER.c.resource_id)).scalars().all() == [recent]
     assert old != recent
 
 
 def test_the_migration_moves_existing_token_rows_into_sets(database_url: str, tmp_path: Path) -> None:
-    url, admin = _empty_database(database_url, tmp_path)
-    try:
+    with empty_database(database_url, tmp_path) as url:
         upgrade(url, "0008")
         engine = create_engine(url)
         reads = [event("read", "R", entity=f"Patient/m{n}") for n in range(3)]
@@ -229,14 +211,9 @@ def test_the_migration_moves_existing_token_rows_into_sets(database_url: str, tm
             left = conn.execute(sa.select(TOKEN.c.resource_type).distinct()).scalars().all()
             members = dict(conn.execute(sa.select(MEMBER.c.resource_id, MEMBER.c.digest)).all())
             sets = conn.execute(sa.select(sa.func.count()).select_from(token_sets.SET)).scalar_one()
-        assert left == ["Patient"]
-        assert set(members) == {"a0", "a1", "a2", "a3"}
-        assert members["a0"] == members["a1"] == members["a2"] != members["a3"] and sets == 2
-        # what the store writes now names the same set as the migrated rows
-        assert members["a0"] == token_sets.digest(index_resource(event("read", "R")).tokens)
         engine.dispose()
-    finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-            admin.dispose()
+    assert left == ["Patient"]
+    assert set(members) == {"a0", "a1", "a2", "a3"}
+    assert members["a0"] == members["a1"] == members["a2"] != members["a3"] and sets == 2
+    # what the store writes now names the same set as the migrated rows
+    assert members["a0"] == token_sets.digest(index_resource(event("read", "R")).tokens)
