@@ -525,12 +525,13 @@ def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | Non
 
     By default this waits for drains running elsewhere, so that when it returns everything
     queued before the call is stored (``yilian audit drain``, shutdown, tests). With
-    ``skip_locked`` (PostgreSQL) it passes over rows another drain is storing instead."""
+    ``skip_locked`` (PostgreSQL) it passes over rows another drain is storing instead; on
+    SQLite a drain always waits for one running elsewhere (:func:`_sole_drainer`)."""
     total = 0
     batches = 0
     postgres = is_postgres(store.engine)
-    with _sole_drainer(store.engine, wait=not skip_locked) as draining:
-        while draining and (max_batches is None or batches < max_batches):
+    with _sole_drainer(store.engine):
+        while max_batches is None or batches < max_batches:
             if postgres:
                 stored = _drain_postgres_batch(store, batch_size, skip_locked)
             else:
@@ -543,24 +544,21 @@ def drain(store: ResourceStore, *, batch_size: int = 200, max_batches: int | Non
 
 
 @contextmanager
-def _sole_drainer(engine: Engine, *, wait: bool) -> Iterator[bool]:
+def _sole_drainer(engine: Engine) -> Iterator[None]:
     """SQLite: one drain at a time, across processes (a file lock beside the database). A
     drain there indexes its batch before it takes the write lock (:func:`prepare_sqlite_batch`),
     and the workers' drains, scheduled alike, would index the same records and all but one
-    throw the work away. Yields whether this drain may go on (False: another one is running
-    and ``wait`` is off). PostgreSQL drains lock their rows instead."""
+    throw the work away. A drain waits for the one running (in its own thread) and then
+    stores what is left, so nothing queued meanwhile waits for the next request's drain.
+    PostgreSQL drains lock their rows instead."""
     path = engine.url.database if engine.dialect.name == "sqlite" else None
     if fcntl is None or not path or path == ":memory:":
-        yield True
+        yield
         return
     with open(f"{path}.drain-lock", "ab") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
+            yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
