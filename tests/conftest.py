@@ -50,7 +50,13 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not url.startswith("postgres"):
         yield url
         return
-    name = f"{url.rsplit('/', 1)[1]}_run_{os.getpid()}_{uuid4().hex[:6]}"
+    with postgres_database(url, f"{url.rsplit('/', 1)[1]}_run_{os.getpid()}_{uuid4().hex[:6]}") as run_url:
+        yield run_url
+
+
+@contextmanager
+def postgres_database(url: str, name: str) -> Iterator[str]:
+    """A new database ``name`` beside the one ``url`` names (its URL), dropped afterwards."""
     admin = create_engine(url, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -86,16 +92,8 @@ def empty_database(database_url: str, tmp_path: Path) -> Iterator[str]:
     if not database_url.startswith("postgres"):
         yield f"sqlite:///{tmp_path / 'fresh.db'}"
         return
-    name = f"yilian_mig_{uuid4().hex[:8]}"
-    admin = create_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield database_url.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with postgres_database(database_url, f"yilian_mig_{uuid4().hex[:8]}") as url:
+        yield url
 
 
 @pytest.fixture
