@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from service.fhir import tables
 from service.fhir.db import execute_prepared, hold
 from service.fhir.indexing import IndexRows
+from service.fhir.token_sets import TokenSets
 
 INDEX_TARGETS = tables.INDEX_TARGETS
 
@@ -154,7 +155,7 @@ def token_set_ctes(prefix: str = "", first: int = 1) -> tuple[str, ...]:
 TOKEN_SET_SQL = "WITH " + ", ".join(token_set_ctes()) + " SELECT 1"
 
 
-def write_token_sets(conn: sa.Connection, sets: dict[str, list[dict]]) -> None:
+def write_token_sets(conn: sa.Connection, sets: TokenSets) -> None:
     """Write the token sets that ``conn``'s next index rows name, unless they exist: held back
     with the writes that follow when the transaction has sent nothing yet (``db.hold``)."""
     if not sets:

@@ -15,8 +15,8 @@ changes; two transactions writing the same new set at once are fine (the second 
 name taken, waits for the first to commit and writes nothing). Purging the audit trail
 removes the resources' ``idx_token_set`` rows; the sets, a few hundred rows, stay.
 
-Search sees the same columns either way: :func:`token_rows` is ``idx_token`` for most types
-and, for these, the join of a resource's ``idx_token_set`` row with its set's rows.
+Search sees the same columns either way: ``idx_token`` for most types and, for these, the
+join of a resource's ``idx_token_set`` row with its set's rows (:func:`shared_rows`).
 """
 
 from __future__ import annotations
@@ -61,33 +61,24 @@ def share(resource_type: str, rows: IndexRows, sets: TokenSets) -> None:
     rows.tokens = []
 
 
-def token_rows(resource_type: str, name: str | None = None) -> sa.FromClause:
-    """The token rows of ``resource_type`` for search, as a FROM with the columns of
-    ``idx_token`` (resource_type, resource_id, param, system, code, text), named ``name``
-    (built once per name and kept) or anonymous."""
-    if resource_type in SHARED_TOKEN_TYPES:
-        return _shared_rows(name) if name else _shared_query(None)
-    return _token_alias(name) if name else TOKEN.alias()
+def token_rows(resource_type: str) -> sa.FromClause:
+    """The token rows of ``resource_type`` as an anonymous FROM with the columns of
+    ``idx_token`` (resource_type, resource_id, param, system, code, text)."""
+    return shared_rows(None) if resource_type in SHARED_TOKEN_TYPES else TOKEN.alias()
 
 
 @functools.lru_cache(maxsize=4096)
-def _token_alias(name: str) -> sa.Alias:
-    alias = TOKEN.alias(name)
-    alias.c  # noqa: B018  (build the column collection now, not racily on first use)
-    return alias
-
-
-@functools.lru_cache(maxsize=4096)
-def _shared_rows(name: str) -> sa.Subquery:
-    subquery = _shared_query(name)
-    subquery.c  # noqa: B018
+def named_shared_rows(name: str) -> sa.Subquery:
+    """:func:`shared_rows` named ``name``, built once per name (the search layer's aliases)."""
+    subquery = shared_rows(name)
+    subquery.c  # noqa: B018  (build the column collection now, not racily on first use)
     return subquery
 
 
-def _shared_query(name: str | None) -> sa.Subquery:
-    """A derived table both databases flatten into a join: a search by ``param`` and
-    ``code`` finds the sets in ``ix_token_set_row_lookup``, their members in
-    ``ix_token_set_lookup``."""
+def shared_rows(name: str | None) -> sa.Subquery:
+    """The token rows of the shared-set types with the columns of ``idx_token``: a derived
+    table both databases flatten into a join, so that a search by ``param`` and ``code`` finds
+    the sets in ``ix_token_set_row_lookup`` and their members in ``ix_token_set_lookup``."""
     member = MEMBER.alias(f"{name}_m" if name else None)
     row = SET_ROW.alias(f"{name}_s" if name else None)
     query = (sa.select(member.c.resource_type, member.c.resource_id, row.c.param, row.c.system, row.c.code,

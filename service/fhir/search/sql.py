@@ -285,8 +285,8 @@ class Builder:
 def index_rows(resource_type: str, ptype: str, name: str) -> sa.FromClause:
     """The index rows of ``resource_type``'s parameters of type ``ptype``, named ``name``:
     an alias of their table; token rows of the types that share them come from their sets."""
-    if ptype == "token":
-        return token_sets.token_rows(resource_type, name)
+    if ptype == "token" and resource_type in token_sets.SHARED_TOKEN_TYPES:
+        return token_sets.named_shared_rows(name)
     return named_alias(INDEX_BY_TYPE[ptype], name)
 
 
